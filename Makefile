@@ -1,0 +1,38 @@
+# The two commands a new user runs: `make up` and `make test`. Both install what is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Extra arguments for `switchboard up`, e.g. make up UP_ARGS="--ray-nodes 3 --grpc-port 50061"
+UP_ARGS ?=
+# Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k registry -x"
+PYTEST_ARGS ?=
+
+.PHONY: setup up test lint typecheck unit proto bench-registry clean
+
+setup:
+	@scripts/bootstrap.sh
+
+up: setup
+	@exec $(PY) -m controlplane up $(UP_ARGS)
+
+test: setup lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+proto: setup
+	$(PY) scripts/protogen.py
+
+bench-registry: setup
+	$(PY) benchmarks/registry_scale.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .switchboard .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""etcd adapter (client: aetcd). The only package that imports aetcd."""

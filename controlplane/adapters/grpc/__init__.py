@@ -1,0 +1,1 @@
+"""gRPC shells: servicers, conversions, the error table, the server builder."""

@@ -1,0 +1,392 @@
+"""`switchboard` command line: the composition root that builds adapters and wires them in."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from controlplane import __version__
+from controlplane.config import (
+    DEFAULT_CONTROLPLANE,
+    DEFAULT_ETCD,
+    DEFAULT_PREFIX,
+    ControlPlaneSettings,
+    EtcdSettings,
+    NodeAgentSettings,
+    default_replica_id,
+    env_or,
+)
+from controlplane.errors import SwitchboardError
+
+log = logging.getLogger("switchboard")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --label {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _etcd_settings(args: argparse.Namespace) -> EtcdSettings:
+    return EtcdSettings(endpoint=args.etcd, prefix=args.prefix)
+
+
+# --- servers -----------------------------------------------------------------------------
+
+
+def cmd_controlplane(args: argparse.Namespace) -> None:
+    from controlplane.server import ControlPlane
+
+    settings = ControlPlaneSettings(
+        etcd=_etcd_settings(args),
+        listen=args.listen,
+        replica_id=args.replica_id or default_replica_id(),
+        leader_ttl_s=args.leader_ttl,
+        default_node_ttl_s=args.default_node_ttl,
+        port_file=args.port_file or "",
+    )
+    _run_until_signal(lambda stop: ControlPlane(settings).run(stop))
+
+
+def _agent_base(args: argparse.Namespace) -> tuple[str, dict[str, str], Any]:
+    """Node id, labels and GPU probe from flags / inventory file / NVML."""
+    from controlplane.nodeagent.inventory import (
+        DeclaredGpus,
+        DeclaredProbe,
+        NvmlProbe,
+        declared_gpus,
+        load_declared,
+        nvml_available,
+    )
+
+    decl = load_declared(Path(args.inventory)) if args.inventory else None
+    node_id = args.node_id or (decl.node_id if decl else "") or socket.gethostname().lower()
+    labels = {**(decl.labels if decl else {}), **_labels(args.label)}
+    if args.gpus is not None or decl is not None:
+        base = decl.gpus if decl else DeclaredGpus()
+        gpus = DeclaredGpus(
+            count=args.gpus if args.gpus is not None else base.count,
+            model=args.gpu_model or base.model,
+            memory_gib=args.gpu_memory_gib if args.gpu_memory_gib is not None else base.memory_gib,
+            used_gib=base.used_gib,
+            nvlink_domain_size=(
+                args.nvlink_domain_size
+                if args.nvlink_domain_size is not None
+                else base.nvlink_domain_size
+            ),
+        )
+        return node_id, labels, DeclaredProbe(declared_gpus(gpus, node_id))
+    if nvml_available():
+        return node_id, labels, NvmlProbe(node_id)
+    log.warning("no NVML and no declared GPUs: registering %s with no GPUs", node_id)
+    return node_id, labels, DeclaredProbe(())
+
+
+def cmd_node_agent(args: argparse.Namespace) -> None:
+    from controlplane.adapters.etcd.client import EtcdClient
+    from controlplane.adapters.etcd.nodes import EtcdNodeRegistry
+    from controlplane.core.model import NodeInventory
+    from controlplane.nodeagent.agent import NodeAgent
+
+    try:
+        node_id, labels, probe = _agent_base(args)
+    except SwitchboardError as e:
+        raise SystemExit(f"error: {e}") from None
+    settings = NodeAgentSettings(
+        etcd=_etcd_settings(args),
+        node_id=node_id,
+        lease_ttl_s=args.ttl,
+        report_interval_s=args.report_interval,
+        ray_node_id=args.ray_node_id or "",
+        address=args.address or "127.0.0.1",
+    )
+    base = NodeInventory(
+        node_id=settings.node_id,
+        labels=labels,
+        hostname=socket.gethostname(),
+        address=settings.address,
+        ray_node_id=settings.ray_node_id,
+        agent_version=__version__,
+    )
+
+    async def main(stop: asyncio.Event) -> None:
+        client = EtcdClient(settings.etcd.endpoint, timeout_s=settings.etcd.timeout_s)
+        agent = NodeAgent(
+            EtcdNodeRegistry(client, settings.etcd.prefix),
+            probe,
+            base,
+            clock=time.time,
+            lease_ttl_s=settings.lease_ttl_s,
+            report_interval_s=settings.report_interval_s,
+        )
+        task = asyncio.create_task(agent.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        finally:
+            stopper.cancel()
+            await client.close()
+
+    try:
+        _run_until_signal(main)
+    except SwitchboardError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_gpus(args: argparse.Namespace) -> None:
+    """Print the inventory the agent would register, as JSON."""
+    try:
+        node_id, labels, probe = _agent_base(args)
+        gpus = probe.read()
+    except SwitchboardError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(
+        json.dumps(
+            {
+                "node_id": node_id,
+                "labels": labels,
+                "gpus": [
+                    {
+                        "index": g.index,
+                        "uuid": g.uuid,
+                        "model": g.model,
+                        "memory_total_bytes": g.memory_total_bytes,
+                        "memory_free_bytes": g.memory_free_bytes,
+                        "nvlink_domain": g.nvlink_domain,
+                        "healthy": g.healthy,
+                    }
+                    for g in gpus
+                ],
+            },
+            indent=2,
+        )
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from controlplane.local.up import LocalCluster, UpSettings
+
+    settings = UpSettings(
+        state_dir=Path(args.state_dir),
+        etcd_port=args.etcd_port,
+        grpc_port=args.grpc_port,
+        ray_nodes=args.ray_nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu_model=args.gpu_model,
+        gpu_memory_gib=args.gpu_memory_gib,
+        lease_ttl_s=args.ttl,
+    )
+    sys.exit(LocalCluster(settings).run_foreground())
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+def _client_call(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
+    import grpc
+
+    with grpc.insecure_channel(args.endpoint) as channel:
+        try:
+            return fn(channel)
+        except grpc.RpcError as e:
+            code = e.code().name if hasattr(e, "code") else "UNKNOWN"
+            details = e.details() if hasattr(e, "details") else str(e)
+            raise SystemExit(f"error: {code}: {details}") from None
+
+
+def cmd_nodes(args: argparse.Namespace) -> None:
+    from google.protobuf import json_format
+    from switchboard.v1 import nodes_pb2, nodes_pb2_grpc
+
+    from controlplane.adapters.grpc.convert import node_from_pb
+    from controlplane.core.nodes import nodes_table
+
+    resp = _client_call(
+        args,
+        lambda ch: nodes_pb2_grpc.NodeRegistryStub(ch).ListNodes(
+            nodes_pb2.ListNodesRequest(label_selector=args.selector or ""), timeout=args.timeout
+        ),
+    )
+    if args.output == "json":
+        print(json_format.MessageToJson(resp, indent=2))
+        return
+    nodes = [node_from_pb(n) for n in resp.nodes]
+    if not nodes:
+        print("No nodes found.", file=sys.stderr)
+        return
+    print(nodes_table(nodes, now=time.time(), wide=args.output == "wide"))
+
+
+def _scheduling_cmd(verb: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from switchboard.v1 import nodes_pb2, nodes_pb2_grpc
+
+        def call(ch: Any) -> Any:
+            stub = nodes_pb2_grpc.NodeRegistryStub(ch)
+            if verb == "cordon":
+                return stub.CordonNode(
+                    nodes_pb2.CordonNodeRequest(node_id=args.node, reason=args.reason or ""),
+                    timeout=args.timeout,
+                )
+            if verb == "drain":
+                return stub.DrainNode(
+                    nodes_pb2.DrainNodeRequest(node_id=args.node, reason=args.reason or ""),
+                    timeout=args.timeout,
+                )
+            return stub.UncordonNode(
+                nodes_pb2.UncordonNodeRequest(node_id=args.node), timeout=args.timeout
+            )
+
+        _client_call(args, call)
+        print(f"node/{args.node} {verb}ed")
+
+    return run
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from google.protobuf import json_format
+    from switchboard.v1 import control_plane_pb2, control_plane_pb2_grpc
+
+    resp = _client_call(
+        args,
+        lambda ch: control_plane_pb2_grpc.ControlPlaneStub(ch).GetStatus(
+            control_plane_pb2.GetStatusRequest(), timeout=args.timeout
+        ),
+    )
+    print(json_format.MessageToJson(resp, indent=2, always_print_fields_with_no_presence=True))
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="switchboard", description="Switchboard control plane")
+    p.add_argument("--version", action="version", version=f"switchboard {__version__}")
+    p.add_argument("--log-level", default=env_or("SWITCHBOARD_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def etcd_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--etcd", default=env_or("SWITCHBOARD_ETCD", DEFAULT_ETCD),
+                        help="etcd endpoint host:port (env SWITCHBOARD_ETCD)")
+        sp.add_argument("--prefix", default=env_or("SWITCHBOARD_PREFIX", DEFAULT_PREFIX),
+                        help="etcd key prefix of this install")
+
+    def client_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--endpoint", default=env_or("SWITCHBOARD_CONTROLPLANE",
+                        DEFAULT_CONTROLPLANE), help="control plane gRPC address")
+        sp.add_argument("--timeout", type=float, default=10.0, help="RPC deadline, seconds")
+
+    def inventory_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--node-id", help="node name (default: hostname)")
+        sp.add_argument("--inventory", help="YAML file declaring node_id, labels and gpus")
+        sp.add_argument("--gpus", type=int, help="declare this many GPUs instead of NVML")
+        sp.add_argument("--gpu-model", help="declared GPU model")
+        sp.add_argument("--gpu-memory-gib", type=float, help="declared memory per GPU, GiB")
+        sp.add_argument("--nvlink-domain-size", type=int,
+                        help="declared GPUs per NVLink domain (0: one domain)")
+        sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="node label, e.g. zone=a or rack=r1 (repeatable)")
+
+    sp = sub.add_parser("controlplane", help="run a control-plane replica")
+    etcd_flags(sp)
+    sp.add_argument("--listen", default=env_or("SWITCHBOARD_LISTEN", DEFAULT_CONTROLPLANE))
+    sp.add_argument("--replica-id", help="identity for leader election (default: host-pid-rand)")
+    sp.add_argument("--leader-ttl", type=int, default=10, help="leader lease TTL, seconds")
+    sp.add_argument("--default-node-ttl", type=int, default=10,
+                    help="lease TTL for RegisterNode callers that ask for none")
+    sp.add_argument("--port-file", help="write the bound gRPC port here once serving")
+    sp.set_defaults(func=cmd_controlplane)
+
+    sp = sub.add_parser("node-agent", help="register this host's GPUs and keep them registered")
+    etcd_flags(sp)
+    inventory_flags(sp)
+    sp.add_argument("--ttl", type=int, default=10, help="lease TTL, seconds (default 10)")
+    sp.add_argument("--report-interval", type=float, default=5.0,
+                    help="seconds between GPU figure reports")
+    sp.add_argument("--ray-node-id", help="Ray node id of this host")
+    sp.add_argument("--address", help="address workers on this node advertise")
+    sp.set_defaults(func=cmd_node_agent)
+
+    sp = sub.add_parser("gpus", help="print the GPU inventory the node agent would register")
+    inventory_flags(sp)
+    sp.set_defaults(func=cmd_gpus)
+
+    sp = sub.add_parser("nodes", help="list nodes (kubectl style)")
+    client_flags(sp)
+    sp.add_argument("-l", "--selector", help="label selector, e.g. zone=a,rack!=r2")
+    sp.add_argument("-o", "--output", choices=["table", "wide", "json"], default="table")
+    sp.set_defaults(func=cmd_nodes)
+
+    for verb, helptext in (
+        ("cordon", "stop placing new workers on a node"),
+        ("uncordon", "allow placements on a node again"),
+        ("drain", "cordon a node and move its workers elsewhere"),
+    ):
+        sp = sub.add_parser(verb, help=helptext)
+        client_flags(sp)
+        sp.add_argument("node")
+        if verb != "uncordon":
+            sp.add_argument("--reason", help="why (shown in `switchboard nodes -o json`)")
+        sp.set_defaults(func=_scheduling_cmd(verb))
+
+    sp = sub.add_parser("status", help="show a control-plane replica's status")
+    client_flags(sp)
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("up", help="run Switchboard locally: etcd, Ray, node agents, control plane")
+    sp.add_argument("--state-dir", default=".switchboard", help="data, logs and pid files")
+    sp.add_argument("--etcd-port", type=int, default=2379)
+    sp.add_argument("--grpc-port", type=int, default=50051, help="control plane gRPC port")
+    sp.add_argument("--ray-nodes", type=int, default=2)
+    sp.add_argument("--gpus-per-node", type=int, default=4)
+    sp.add_argument("--gpu-model", default="NVIDIA H100 80GB HBM3")
+    sp.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    sp.add_argument("--ttl", type=int, default=10, help="node lease TTL, seconds")
+    sp.set_defaults(func=cmd_up)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

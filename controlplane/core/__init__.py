@@ -1,0 +1,1 @@
+"""Functional core: pure, synchronous, deterministic. No grpc, etcd, ray, asyncio or clock."""

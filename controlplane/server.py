@@ -1,0 +1,118 @@
+"""The control-plane process: etcd watch-fed node cache, leader election, gRPC services.
+
+Every replica serves reads (ListNodes, WatchNodes, status) from its own cache and accepts
+writes (cordon, drain), which go to etcd. Only the elected leader runs the leader tasks
+(reconcilers, planner); they are started on election and cancelled on loss of leadership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from switchboard.v1 import control_plane_pb2, control_plane_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+
+from controlplane.adapters.etcd.client import EtcdClient
+from controlplane.adapters.etcd.election import LeaderElector
+from controlplane.adapters.etcd.node_cache import NodeCache
+from controlplane.adapters.etcd.nodes import EtcdNodeRegistry
+from controlplane.adapters.grpc.node_registry import ControlPlaneServicer, NodeRegistryServicer
+from controlplane.adapters.grpc.server import GrpcServer
+from controlplane.config import ControlPlaneSettings
+
+log = logging.getLogger(__name__)
+
+LeaderTask = Callable[[], Awaitable[None]]
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        settings: ControlPlaneSettings,
+        *,
+        leader_tasks: Sequence[LeaderTask] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._leader_tasks = list(leader_tasks)
+        self.etcd = EtcdClient(settings.etcd.endpoint, timeout_s=settings.etcd.timeout_s)
+        self.registry = EtcdNodeRegistry(self.etcd, settings.etcd.prefix)
+        self.cache = NodeCache(self.registry)
+        self.elector = LeaderElector(
+            self.etcd,
+            key=f"{settings.etcd.prefix.rstrip('/')}/leader/controlplane",
+            identity=settings.replica_id,
+            ttl_s=settings.leader_ttl_s,
+        )
+        self.grpc = GrpcServer(settings.listen)
+        started = clock()
+        nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
+            NodeRegistryServicer(
+                self.registry,
+                self.cache,
+                clock=clock,
+                default_ttl_s=settings.default_node_ttl_s,
+            ),
+            self.grpc.server,
+        )
+        control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
+            ControlPlaneServicer(
+                replica_id=settings.replica_id,
+                cache=self.cache,
+                leader=lambda: (self.elector.is_leader, self.elector.leader_id),
+                started_at=started,
+            ),
+            self.grpc.server,
+        )
+        self.grpc.add_services(
+            [
+                nodes_pb2.DESCRIPTOR.services_by_name["NodeRegistry"].full_name,
+                control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
+            ]
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        port = await self.grpc.start()
+        await self.grpc.set_serving(False)
+        log.info("control plane %s serving gRPC on port %d", self.settings.replica_id, port)
+        if self.settings.port_file:
+            Path(self.settings.port_file).write_text(f"{port}\n")
+        tasks = [
+            asyncio.create_task(self.cache.run(), name="node-cache"),
+            asyncio.create_task(self.elector.run(), name="leader-election"),
+            asyncio.create_task(self._health(), name="health"),
+            asyncio.create_task(self._lead(), name="leader-tasks"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            log.info("control plane stopping")
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await self.grpc.stop()
+            await self.etcd.close()
+
+    async def _health(self) -> None:
+        await self.cache.ever_synced.wait()
+        await self.grpc.set_serving(True)
+
+    async def _lead(self) -> None:
+        """Run the leader tasks while this replica leads; cancel them when it stops leading."""
+        while True:
+            await self.elector.elected.wait()
+            running = [asyncio.create_task(f()) for f in self._leader_tasks]
+            while self.elector.is_leader:
+                await asyncio.sleep(0.1)
+            for t in running:
+                t.cancel()
+            for t in running:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t

@@ -1,0 +1,1 @@
+"""Switchboard's public API, generated from proto/switchboard/v1 (see scripts/protogen.py)."""

@@ -1,0 +1,1 @@
+"""Generated v1 API. Do not edit: change the .proto files and run `make proto`."""
