@@ -302,14 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def etcd_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--etcd", default=env_or("SWITCHBOARD_ETCD", DEFAULT_ETCD),
-                        help="etcd endpoint host:port (env SWITCHBOARD_ETCD)")
-        sp.add_argument("--prefix", default=env_or("SWITCHBOARD_PREFIX", DEFAULT_PREFIX),
-                        help="etcd key prefix of this install")
+        sp.add_argument(
+            "--etcd",
+            default=env_or("SWITCHBOARD_ETCD", DEFAULT_ETCD),
+            help="etcd endpoint host:port (env SWITCHBOARD_ETCD)",
+        )
+        sp.add_argument(
+            "--prefix",
+            default=env_or("SWITCHBOARD_PREFIX", DEFAULT_PREFIX),
+            help="etcd key prefix of this install",
+        )
 
     def client_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--endpoint", default=env_or("SWITCHBOARD_CONTROLPLANE",
-                        DEFAULT_CONTROLPLANE), help="control plane gRPC address")
+        sp.add_argument(
+            "--endpoint",
+            default=env_or("SWITCHBOARD_CONTROLPLANE", DEFAULT_CONTROLPLANE),
+            help="control plane gRPC address",
+        )
         sp.add_argument("--timeout", type=float, default=10.0, help="RPC deadline, seconds")
 
     def inventory_flags(sp: argparse.ArgumentParser) -> None:
@@ -318,18 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gpus", type=int, help="declare this many GPUs instead of NVML")
         sp.add_argument("--gpu-model", help="declared GPU model")
         sp.add_argument("--gpu-memory-gib", type=float, help="declared memory per GPU, GiB")
-        sp.add_argument("--nvlink-domain-size", type=int,
-                        help="declared GPUs per NVLink domain (0: one domain)")
-        sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                        help="node label, e.g. zone=a or rack=r1 (repeatable)")
+        sp.add_argument(
+            "--nvlink-domain-size", type=int, help="declared GPUs per NVLink domain (0: one domain)"
+        )
+        sp.add_argument(
+            "--label",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="node label, e.g. zone=a or rack=r1 (repeatable)",
+        )
 
     sp = sub.add_parser("controlplane", help="run a control-plane replica")
     etcd_flags(sp)
     sp.add_argument("--listen", default=env_or("SWITCHBOARD_LISTEN", DEFAULT_CONTROLPLANE))
     sp.add_argument("--replica-id", help="identity for leader election (default: host-pid-rand)")
     sp.add_argument("--leader-ttl", type=int, default=10, help="leader lease TTL, seconds")
-    sp.add_argument("--default-node-ttl", type=int, default=10,
-                    help="lease TTL for RegisterNode callers that ask for none")
+    sp.add_argument(
+        "--default-node-ttl",
+        type=int,
+        default=10,
+        help="lease TTL for RegisterNode callers that ask for none",
+    )
     sp.add_argument("--port-file", help="write the bound gRPC port here once serving")
     sp.set_defaults(func=cmd_controlplane)
 
@@ -337,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     etcd_flags(sp)
     inventory_flags(sp)
     sp.add_argument("--ttl", type=int, default=10, help="lease TTL, seconds (default 10)")
-    sp.add_argument("--report-interval", type=float, default=5.0,
-                    help="seconds between GPU figure reports")
+    sp.add_argument(
+        "--report-interval", type=float, default=5.0, help="seconds between GPU figure reports"
+    )
     sp.add_argument("--ray-node-id", help="Ray node id of this host")
     sp.add_argument("--address", help="address workers on this node advertise")
     sp.set_defaults(func=cmd_node_agent)

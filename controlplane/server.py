@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
-from switchboard.v1 import control_plane_pb2, control_plane_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from switchboard.v1 import control_plane_pb2, nodes_pb2
 
 from controlplane.adapters.etcd.client import EtcdClient
 from controlplane.adapters.etcd.election import LeaderElector
@@ -26,7 +27,7 @@ from controlplane.config import ControlPlaneSettings
 
 log = logging.getLogger(__name__)
 
-LeaderTask = Callable[[], Awaitable[None]]
+LeaderTask = Callable[[], Coroutine[Any, Any, None]]
 
 
 class ControlPlane:
@@ -51,29 +52,23 @@ class ControlPlane:
         )
         self.grpc = GrpcServer(settings.listen)
         started = clock()
-        nodes_pb2_grpc.add_NodeRegistryServicer_to_server(
+        self.grpc.add_servicer(
             NodeRegistryServicer(
                 self.registry,
                 self.cache,
                 clock=clock,
                 default_ttl_s=settings.default_node_ttl_s,
             ),
-            self.grpc.server,
+            nodes_pb2.DESCRIPTOR.services_by_name["NodeRegistry"],
         )
-        control_plane_pb2_grpc.add_ControlPlaneServicer_to_server(
+        self.grpc.add_servicer(
             ControlPlaneServicer(
                 replica_id=settings.replica_id,
                 cache=self.cache,
                 leader=lambda: (self.elector.is_leader, self.elector.leader_id),
                 started_at=started,
             ),
-            self.grpc.server,
-        )
-        self.grpc.add_services(
-            [
-                nodes_pb2.DESCRIPTOR.services_by_name["NodeRegistry"].full_name,
-                control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
-            ]
+            control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"],
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -81,7 +76,7 @@ class ControlPlane:
         await self.grpc.set_serving(False)
         log.info("control plane %s serving gRPC on port %d", self.settings.replica_id, port)
         if self.settings.port_file:
-            Path(self.settings.port_file).write_text(f"{port}\n")
+            await asyncio.to_thread(Path(self.settings.port_file).write_text, f"{port}\n")
         tasks = [
             asyncio.create_task(self.cache.run(), name="node-cache"),
             asyncio.create_task(self.elector.run(), name="leader-election"),
@@ -108,9 +103,8 @@ class ControlPlane:
         """Run the leader tasks while this replica leads; cancel them when it stops leading."""
         while True:
             await self.elector.elected.wait()
-            running = [asyncio.create_task(f()) for f in self._leader_tasks]
-            while self.elector.is_leader:
-                await asyncio.sleep(0.1)
+            running = [asyncio.create_task(task()) for task in self._leader_tasks]
+            await self.elector.demoted.wait()
             for t in running:
                 t.cancel()
             for t in running:

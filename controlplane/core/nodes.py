@@ -234,6 +234,8 @@ def nodes_table(nodes: Iterable[Node], now: float, wide: bool = False) -> str:
             row += [",".join(models), ",".join(domains), inv.ray_node_id[:12] or "<none>"]
         rows.append(row)
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [headers, *rows]]
+    lines = [
+        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [headers, *rows]
+    ]
     return "\n".join(lines)

@@ -59,7 +59,7 @@ class NodeView:
     def get(self, node_id: str) -> Node | None:
         return self._nodes.get(node_id)
 
-    def list(self, selector: LabelSelector | None = None) -> list[Node]:
+    def list_nodes(self, selector: LabelSelector | None = None) -> list[Node]:
         nodes = sorted(self._nodes.values(), key=lambda n: n.node_id)
         if selector is None or selector.empty:
             return nodes

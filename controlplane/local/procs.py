@@ -68,8 +68,9 @@ def pid_alive(pid: int) -> bool:
 class ManagedProcess:
     """A child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -127,15 +128,24 @@ class ManagedProcess:
 def etcd_binary() -> str:
     path = shutil.which("etcd")
     if path is None:
-        raise FileNotFoundError("etcd is not installed (run `make setup` or apt-get install etcd-server)")
+        raise FileNotFoundError(
+            "etcd is not installed (run `make setup` or apt-get install etcd-server)"
+        )
     return path
 
 
 class EtcdServer:
     """A single-member etcd on 127.0.0.1 with its own data dir."""
 
-    def __init__(self, data_dir: Path, *, client_port: int = 0, peer_port: int = 0,
-                 log_path: Path | None = None, name: str = "switchboard") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        client_port: int = 0,
+        peer_port: int = 0,
+        log_path: Path | None = None,
+        name: str = "switchboard",
+    ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -152,15 +162,24 @@ class EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
         argv = [
             etcd_binary(),
-            "--name", self.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
-            "--logger", "zap",
-            "--log-level", "warn",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"{self.name}={peer}",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
         ]
         self.process = ManagedProcess("etcd", argv, self.log_path).start()
         self.wait_healthy(timeout_s)

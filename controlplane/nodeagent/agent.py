@@ -24,9 +24,9 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from controlplane.adapters.etcd.client import LeaseNotFound
-from controlplane.adapters.etcd.nodes import EtcdNodeRegistry
 from controlplane.core.model import NodeInventory
 from controlplane.core.nodes import validate_inventory, validate_lease_ttl
 from controlplane.errors import InvalidArgument, SwitchboardError
@@ -35,10 +35,19 @@ from controlplane.nodeagent.inventory import GpuProbe
 log = logging.getLogger(__name__)
 
 
+class NodeLeaseStore(Protocol):
+    """What the agent needs from the registry (EtcdNodeRegistry in production)."""
+
+    async def register(self, inv: NodeInventory, ttl_s: int) -> int: ...
+    async def update(self, inv: NodeInventory, lease_id: int) -> int: ...
+    async def keepalive(self, lease_id: int) -> int: ...
+    async def deregister(self, lease_id: int) -> None: ...
+
+
 class NodeAgent:
     def __init__(
         self,
-        registry: EtcdNodeRegistry,
+        registry: NodeLeaseStore,
         probe: GpuProbe,
         base: NodeInventory,
         *,
@@ -81,7 +90,10 @@ class NodeAgent:
                     self.registered.set()
                     log.info(
                         "registered node %s (%d GPUs) with lease %x, TTL %ds",
-                        inv.node_id, inv.gpu_count, self.lease_id, self._ttl,
+                        inv.node_id,
+                        inv.gpu_count,
+                        self.lease_id,
+                        self._ttl,
                     )
                     delay = self._backoff[0]
                     await self._maintain(inv)

@@ -14,6 +14,7 @@ calls it at start and every report interval.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,10 +156,8 @@ class NvmlProbe:
             raise Unavailable(f"NVML: {e}") from None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
-        except self._nvml.NVMLError:
-            pass
 
     def read(self) -> tuple[Gpu, ...]:
         nv = self._nvml

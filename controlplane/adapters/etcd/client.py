@@ -229,9 +229,7 @@ class EtcdClient:
         came back with less history.
         """
         try:
-            watch = await self._client.watch(
-                start, range_end=end, start_revision=start_revision
-            )
+            watch = await self._client.watch(start, range_end=end, start_revision=start_revision)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

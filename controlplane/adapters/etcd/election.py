@@ -20,6 +20,7 @@ followers, watching it, campaign at once, so a new leader is in place within abo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -50,14 +51,18 @@ class LeaderElector:
         self.is_leader = False
         self.leader_id = ""
         self.elected = asyncio.Event()
+        self.demoted = asyncio.Event()
+        self.demoted.set()
 
     def _set(self, leading: bool, leader_id: str) -> None:
         changed = (leading, leader_id) != (self.is_leader, self.leader_id)
         self.is_leader, self.leader_id = leading, leader_id
         if leading:
             self.elected.set()
+            self.demoted.clear()
         else:
             self.elected.clear()
+            self.demoted.set()
         if changed:
             log.info("leader: %s%s", leader_id or "<none>", " (this replica)" if leading else "")
             if self._on_change is not None:
@@ -121,6 +126,7 @@ class LeaderElector:
 
     async def _await_vacancy(self, seen_revision: int) -> None:
         """Return once the leader key is deleted (or re-check after a quiet TTL)."""
+
         async def watch() -> None:
             async for ev in self._client.watch_range(
                 self._key, self._key + b"\0", start_revision=seen_revision + 1
@@ -130,7 +136,5 @@ class LeaderElector:
                     return
                 self._set(False, ev.kv.value.decode(errors="replace"))
 
-        try:
+        with contextlib.suppress(TimeoutError):  # quiet: loop round and look again
             await asyncio.wait_for(watch(), timeout=self._ttl_s * 2)
-        except TimeoutError:
-            pass  # nothing happened: loop round and look again

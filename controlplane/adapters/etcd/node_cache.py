@@ -83,8 +83,8 @@ class NodeCache:
     def get(self, node_id: str) -> Node | None:
         return self._view.get(node_id)
 
-    def list(self, selector: LabelSelector | None = None) -> list[Node]:
-        return self._view.list(selector)
+    def list_nodes(self, selector: LabelSelector | None = None) -> list[Node]:
+        return self._view.list_nodes(selector)
 
     def __len__(self) -> int:
         return len(self._view)
@@ -96,7 +96,7 @@ class NodeCache:
         """
         sub = Subscription(self, self._subscriber_queue)
         self._subscribers.add(sub)
-        return initial_changes(self._view.list(), self._view.revision), sub
+        return initial_changes(self._view.list_nodes(), self._view.revision), sub
 
     async def wait_for_revision(self, revision: int, timeout_s: float = 5.0) -> bool:
         """Wait until the cache has seen ``revision`` (read-your-writes after a put)."""
@@ -148,4 +148,3 @@ class NodeCache:
                 sub.push(change)
         async with self._revision_changed:
             self._revision_changed.notify_all()
-

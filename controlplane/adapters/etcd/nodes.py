@@ -63,7 +63,10 @@ class EtcdNodeRegistry:
         self.prefix = prefix.rstrip("/")
         self._nodes = f"{self.prefix}/nodes/".encode()
         self._sched = f"{self.prefix}/node-scheduling/".encode()
-        self._range = (f"{self.prefix}/node".encode(), prefix_range_end(f"{self.prefix}/node".encode()))
+        self._range = (
+            f"{self.prefix}/node".encode(),
+            prefix_range_end(f"{self.prefix}/node".encode()),
+        )
 
     def inventory_key(self, node_id: str) -> bytes:
         return self._nodes + node_id.encode()

@@ -66,7 +66,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, na
 
 def unary(fn: UnaryMethod[Self, Req, Resp]) -> UnaryMethod[Self, Req, Resp]:
     @functools.wraps(fn)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Resp:
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:

@@ -64,7 +64,9 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         )
         lease = await self._registry.register(inv, ttl)
         node = Node(inventory=inv, scheduling=self._cache_scheduling(inv.node_id), lease_id=lease)
-        return nodes_pb2.RegisterNodeResponse(node=node_to_pb(node), lease_id=lease, ttl_seconds=ttl)
+        return nodes_pb2.RegisterNodeResponse(
+            node=node_to_pb(node), lease_id=lease, ttl_seconds=ttl
+        )
 
     @unary
     async def Heartbeat(
@@ -114,7 +116,7 @@ class NodeRegistryServicer(nodes_pb2_grpc.NodeRegistryServicer):
         selector = parse_selector(request.label_selector)
         self._require_cache()
         return nodes_pb2.ListNodesResponse(
-            nodes=[node_to_pb(n) for n in self._cache.list(selector)],
+            nodes=[node_to_pb(n) for n in self._cache.list_nodes(selector)],
             revision=self._cache.revision,
         )
 

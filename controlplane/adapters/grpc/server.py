@@ -2,11 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _method_handler(servicer: object, method: MethodDescriptor) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler that parses the request itself, so undecodable bytes get INVALID_ARGUMENT
+    with a message (gRPC's own deserializer failure is an opaque UNKNOWN)."""
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    impl = getattr(servicer, method.name)
+    type_name = method.input_type.full_name
+
+    async def parse(data: bytes, context: Context) -> Message:
+        try:
+            return request_cls.FromString(data)
+        except DecodeError as e:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed {type_name}: {e or 'cannot decode'}"
+            )
+            raise  # unreachable: abort raises
+
+    if method.client_streaming:
+        raise NotImplementedError(f"{method.full_name}: client streaming is not used by the API")
+    if method.server_streaming:
+
+        async def stream(data: bytes, context: Context) -> AsyncIterator[Message]:
+            async for item in impl(await parse(data, context), context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=_serialize)
+
+    async def unary(data: bytes, context: Context) -> Message:
+        result: Message = await impl(await parse(data, context), context)
+        return result
+
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=_serialize)
 
 
 class GrpcServer:
@@ -25,6 +68,14 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = []
         self.port = 0
+
+    def add_servicer(self, servicer: object, service: ServiceDescriptor) -> None:
+        """Serve every method of ``service`` from the same-named methods of ``servicer``."""
+        handlers = {m.name: _method_handler(servicer, m) for m in service.methods}
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+        )
+        self._services.append(service.full_name)
 
     def add_services(self, names: Iterable[str]) -> None:
         self._services.extend(names)
