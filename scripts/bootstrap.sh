@@ -37,8 +37,12 @@ fi
 stamp=".venv/.switchboard-installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing the project and its dev dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e '.[dev]'; } >.venv/pip-install.log 2>&1; then
+    tail -n 40 .venv/pip-install.log >&2
+    log "pip install failed (full log: .venv/pip-install.log)"
+    exit 1
+  fi
   rm -f .venv/.switchboard-installed-*
   touch "$stamp"
 fi

@@ -1,0 +1,80 @@
+"""The README's two commands, run as a new user would: `make up`, then Ctrl-C.
+
+(`make test` is what runs this file, so the other command is exercised by running at all.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controlplane.local.procs import free_port, pid_alive
+from tests.helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) -> None:
+    etcd_port, grpc_port = free_port(), free_port()
+    state = tmp_path / "state"
+    up_args = f"--etcd-port {etcd_port} --grpc-port {grpc_port} --state-dir {state}"
+    log_path = tmp_path / "make-up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["make", "up", f"UP_ARGS={up_args}"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, like a terminal's foreground job
+        )
+    pids: dict[str, int] = {}
+    try:
+        switchboard = str(Path(sys.executable).parent / "switchboard")
+
+        def listed() -> str:
+            if proc.poll() is not None:
+                raise AssertionError(f"make up exited early:\n{log_path.read_text()[-3000:]}")
+            out = subprocess.run(
+                [switchboard, "nodes", "--endpoint", f"127.0.0.1:{grpc_port}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            rows = [line.split() for line in out.stdout.splitlines()[1:]]
+            ok = len(rows) == 2 and all(r[1] == "Ready" and r[2] == "4" for r in rows)
+            return out.stdout if ok else ""
+
+        table = wait_until(listed, 180, interval_s=1.0, what="`switchboard nodes` to list 2x4")
+        assert "local-0" in table
+        assert "local-1" in table
+        wait_until(lambda: "Switchboard is up." in log_path.read_text(), 30, what="banner")
+        pids = {k: int(v) for k, v in json.loads((state / "up.pids").read_text()).items()}
+        assert {"etcd", "controlplane", "agent-local-0", "agent-local-1"} <= set(pids)
+        assert any(k.startswith("ray-") for k in pids)
+        assert all(pid_alive(p) for p in pids.values())
+
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=60) == 0 or proc.returncode in (2, -signal.SIGINT)
+        wait_until(
+            lambda: not [n for n, p in pids.items() if pid_alive(p)], 15, what="all pids gone"
+        )
+        assert not (state / "up.pids").exists()
+        assert "[switchboard up] stopped" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in pids.values():
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
