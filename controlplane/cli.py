@@ -171,6 +171,8 @@ def cmd_node_agent(args: argparse.Namespace) -> None:
 
 def cmd_gpus(args: argparse.Namespace) -> None:
     """Print the inventory the agent would register, as JSON."""
+    from controlplane.adapters.etcd.codec import gpu_to_dict
+
     try:
         node_id, labels, probe = _agent_base(args)
         gpus = probe.read()
@@ -181,18 +183,7 @@ def cmd_gpus(args: argparse.Namespace) -> None:
             {
                 "node_id": node_id,
                 "labels": labels,
-                "gpus": [
-                    {
-                        "index": g.index,
-                        "uuid": g.uuid,
-                        "model": g.model,
-                        "memory_total_bytes": g.memory_total_bytes,
-                        "memory_free_bytes": g.memory_free_bytes,
-                        "nvlink_domain": g.nvlink_domain,
-                        "healthy": g.healthy,
-                    }
-                    for g in gpus
-                ],
+                "gpus": [gpu_to_dict(g) for g in gpus],
             },
             indent=2,
         )

@@ -15,6 +15,18 @@ from controlplane.errors import InvalidArgument
 RECORD_VERSION = 1
 
 
+def gpu_to_dict(g: Gpu) -> dict[str, Any]:
+    return {
+        "index": g.index,
+        "uuid": g.uuid,
+        "model": g.model,
+        "memory_total_bytes": g.memory_total_bytes,
+        "memory_free_bytes": g.memory_free_bytes,
+        "nvlink_domain": g.nvlink_domain,
+        "healthy": g.healthy,
+    }
+
+
 def encode_inventory(inv: NodeInventory) -> bytes:
     doc: dict[str, Any] = {
         "v": RECORD_VERSION,
@@ -27,18 +39,7 @@ def encode_inventory(inv: NodeInventory) -> bytes:
         "health_message": inv.health_message,
         "registered_at": inv.registered_at,
         "last_heartbeat": inv.last_heartbeat,
-        "gpus": [
-            {
-                "index": g.index,
-                "uuid": g.uuid,
-                "model": g.model,
-                "memory_total_bytes": g.memory_total_bytes,
-                "memory_free_bytes": g.memory_free_bytes,
-                "nvlink_domain": g.nvlink_domain,
-                "healthy": g.healthy,
-            }
-            for g in inv.gpus
-        ],
+        "gpus": [gpu_to_dict(g) for g in inv.gpus],
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 

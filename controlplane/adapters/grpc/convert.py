@@ -54,6 +54,18 @@ def gpu_to_pb(g: Gpu) -> nodes_pb2.Gpu:
     )
 
 
+def gpu_from_pb(g: nodes_pb2.Gpu) -> Gpu:
+    return Gpu(
+        index=g.index,
+        uuid=g.uuid,
+        model=g.model,
+        memory_total_bytes=g.memory_total_bytes,
+        memory_free_bytes=g.memory_free_bytes,
+        nvlink_domain=g.nvlink_domain,
+        healthy=g.healthy,
+    )
+
+
 def node_to_pb(node: Node) -> nodes_pb2.Node:
     inv = node.inventory
     return nodes_pb2.Node(
@@ -84,18 +96,7 @@ def inventory_from_pb(msg: nodes_pb2.Node) -> NodeInventory:
         agent_version=msg.agent_version,
         labels=dict(msg.labels),
         health_message=msg.health_message,
-        gpus=tuple(
-            Gpu(
-                index=g.index,
-                uuid=g.uuid,
-                model=g.model,
-                memory_total_bytes=g.memory_total_bytes,
-                memory_free_bytes=g.memory_free_bytes,
-                nvlink_domain=g.nvlink_domain,
-                healthy=g.healthy,
-            )
-            for g in msg.gpus
-        ),
+        gpus=tuple(gpu_from_pb(g) for g in msg.gpus),
     )
 
 
