@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from controlplane.adapters.etcd.client import LeaseNotFound
 from controlplane.core.model import Gpu, NodeInventory
@@ -86,3 +87,79 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class FakeEngine:
+    """A scripted InferenceEngine: emits ``tokens`` one per step, every ``step_s`` seconds.
+
+    Holds prefilled KV as ``kv_bytes`` per request; ``gate`` (when set) must be opened before a
+    decode stream finishes, so tests can hold a request in flight.
+    """
+
+    model = "fake"
+    max_context_tokens = 4096
+    vocab_size = 1000
+
+    def __init__(self, kv_bytes: bytes = b"kv" * 10, step_s: float = 0.0) -> None:
+        from workers.engine import EngineStats
+
+        self.kv_bytes = kv_bytes
+        self.step_s = step_s
+        self.held: dict[str, bytes] = {}
+        self.aborted: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self._stats = EngineStats(kv_blocks_total=64)
+
+    async def prefill(self, request_id: str, prompt: tuple[int, ...], sampling: Any) -> Any:
+        from workers.engine import KvHandle, PrefillResult, validate_prompt
+
+        validate_prompt(prompt, sampling, vocab_size=self.vocab_size,
+                        max_context_tokens=self.max_context_tokens)  # fmt: skip
+        kv_id = f"kv-{request_id}"
+        self.held[kv_id] = self.kv_bytes
+        handle = KvHandle(kv_id, "127.0.0.1:1", len(prompt), len(self.kv_bytes))
+        return PrefillResult(request_id, first_token_id=prompt[-1], kv=handle)
+
+    async def _tokens(self, request_id: str, start: int, n: int) -> AsyncIterator[Any]:
+        from workers.engine import TokenChunk
+
+        for i in range(n):
+            await asyncio.sleep(self.step_s)
+            if request_id in self.aborted:
+                yield TokenChunk((), "abort")
+                return
+            last = i == n - 1
+            if last and self.gate is not None:
+                await self.gate.wait()
+            yield TokenChunk((start + i,), "length" if last else None)
+
+    def decode(self, request_id: str, prompt: tuple[int, ...], first: int, kv: Any,
+               sampling: Any) -> AsyncIterator[Any]:  # fmt: skip
+        from workers.engine import KvUnavailable
+
+        if kv.kv_id not in self.held:
+            raise KvUnavailable(f"KV {kv.kv_id} not held")
+        return self._tokens(request_id, first + 1, sampling.max_tokens - 1)
+
+    def generate(
+        self, request_id: str, prompt: tuple[int, ...], sampling: Any
+    ) -> AsyncIterator[Any]:
+        return self._tokens(request_id, 0, sampling.max_tokens)
+
+    async def abort(self, request_id: str) -> bool:
+        self.aborted.append(request_id)
+        self.held.pop(f"kv-{request_id}", None)
+        return True
+
+    def export_kv(self, kv_id: str) -> bytes:
+        from workers.engine import KvUnavailable
+
+        if kv_id not in self.held:
+            raise KvUnavailable(f"KV {kv_id} is not held here (expired or evicted)")
+        return self.held[kv_id]
+
+    def stats(self) -> Any:
+        return self._stats
+
+    def drain_kv_events(self) -> list[Any]:
+        return []

@@ -55,7 +55,12 @@ class ControlPlaneProc:
         wait_until(ready, timeout_s, what="control plane port file")
         self.port = int(self.port_file.read_text())
         self.channel = grpc.insecure_channel(self.address)
-        wait_until(lambda: self.try_status() is not None, timeout_s, what="control plane status")
+
+        def synced() -> bool:
+            status = self.try_status()
+            return status is not None and status.cache_synced
+
+        wait_until(synced, timeout_s, what="control plane cache synced")
         return self
 
     @property

@@ -1,0 +1,1 @@
+"""Switchboard workers: engines that make tokens, behind the Worker gRPC service."""

@@ -108,3 +108,24 @@ class Node:
             self.scheduling.state is SchedulingState.SCHEDULABLE
             and self.inventory.health is not NodeHealth.UNHEALTHY
         )
+
+
+class WorkerState(enum.StrEnum):
+    SERVING = "Serving"
+    DRAINING = "Draining"  # takes no new work; finishes in-flight requests, then leaves
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """What a worker publishes under its lease: how to reach it and what it can take."""
+
+    worker_id: str
+    model: str
+    role: str  # "prefill" | "decode" | "both"
+    engine: str  # "vllm" | "trtllm" | "cpu" | "sim"
+    endpoint: str  # host:port of its Worker gRPC service
+    node_id: str = ""
+    max_context_tokens: int = 0
+    kv_blocks_total: int = 0
+    state: WorkerState = WorkerState.SERVING
+    started_at: float = 0.0

@@ -80,12 +80,15 @@ class GrpcServer:
     def add_services(self, names: Iterable[str]) -> None:
         self._services.extend(names)
 
-    async def start(self) -> int:
+    async def start(self, *, bind: bool = True) -> int:
+        """Start serving; ``bind=False`` when the caller already added a port (to learn it
+        before building what needs the address)."""
         names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(self.bind)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC server to {self.bind}")
+        if bind:
+            self.port = self.server.add_insecure_port(self.bind)
+            if self.port == 0:
+                raise OSError(f"cannot bind gRPC server to {self.bind}")
         await self.server.start()
         return self.port
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import inference_pb2 as switchboard_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/worker.proto\x12\x0eswitchboard.v1\x1a\x1eswitchboard/v1/inference.proto\"p\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\"p\n\x08KvHandle\x12\x16\n\x0esource_address\x18\x01 \x01(\t\x12\r\n\x05kv_id\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x15\n\rengine_params\x18\x05 \x01(\t\"\x81\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12$\n\x02kv\x18\x03 \x01(\x0b\x32\x18.switchboard.v1.KvHandle\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\xad\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12$\n\x02kv\x18\x03 \x01(\x0b\x32\x18.switchboard.v1.KvHandle\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\"k\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\"4\n\x0e\x46\x65tchKvRequest\x12\r\n\x05kv_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"\\\n\x07KvChunk\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xbf\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x32\xec\x02\n\x06Worker\x12J\n\x07Prefill\x12\x1e.switchboard.v1.PrefillRequest\x1a\x1f.switchboard.v1.PrefillResponse\x12\x46\n\x06\x44\x65\x63ode\x12\x1d.switchboard.v1.DecodeRequest\x1a\x1b.switchboard.v1.DecodeChunk0\x01\x12\x44\n\x07\x46\x65tchKv\x12\x1e.switchboard.v1.FetchKvRequest\x1a\x17.switchboard.v1.KvChunk0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.switchboard.v1.AbortRequest\x1a\x1d.switchboard.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.switchboard.v1.StatsRequest\x1a\x1b.switchboard.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/worker.proto\x12\x0eswitchboard.v1\x1a\x1eswitchboard/v1/inference.proto\"p\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\"p\n\x08KvHandle\x12\x16\n\x0esource_address\x18\x01 \x01(\t\x12\r\n\x05kv_id\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x15\n\rengine_params\x18\x05 \x01(\t\"\x81\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12$\n\x02kv\x18\x03 \x01(\x0b\x32\x18.switchboard.v1.KvHandle\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\xad\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12$\n\x02kv\x18\x03 \x01(\x0b\x32\x18.switchboard.v1.KvHandle\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\"k\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\"4\n\x0e\x46\x65tchKvRequest\x12\r\n\x05kv_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"[\n\x07KvChunk\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x96\x01\n\x0cKvBlockEvent\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.switchboard.v1.KvBlockEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_STORED\x10\x01\x12\x10\n\x0cKIND_EVICTED\x10\x02\"\xe5\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x17\n\x0flast_batch_size\x18\x08 \x01(\r\x12\x1b\n\x13max_batch_size_seen\x18\t \x01(\r\x12\x19\n\x11inflight_requests\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12/\n\tkv_events\x18\x0c \x03(\x0b\x32\x1c.switchboard.v1.KvBlockEvent\x12\x10\n\x08sequence\x18\r \x01(\x04\x32\xb7\x03\n\x06Worker\x12J\n\x07Prefill\x12\x1e.switchboard.v1.PrefillRequest\x1a\x1f.switchboard.v1.PrefillResponse\x12\x46\n\x06\x44\x65\x63ode\x12\x1d.switchboard.v1.DecodeRequest\x1a\x1b.switchboard.v1.DecodeChunk0\x01\x12\x44\n\x07\x46\x65tchKv\x12\x1e.switchboard.v1.FetchKvRequest\x1a\x17.switchboard.v1.KvChunk0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.switchboard.v1.AbortRequest\x1a\x1d.switchboard.v1.AbortResponse\x12\x42\n\x05Stats\x12\x1c.switchboard.v1.StatsRequest\x1a\x1b.switchboard.v1.WorkerStats\x12I\n\nWatchStats\x12\x1c.switchboard.v1.StatsRequest\x1a\x1b.switchboard.v1.WorkerStats0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,15 +45,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHKVREQUEST']._serialized_start=724
   _globals['_FETCHKVREQUEST']._serialized_end=776
   _globals['_KVCHUNK']._serialized_start=778
-  _globals['_KVCHUNK']._serialized_end=870
-  _globals['_ABORTREQUEST']._serialized_start=872
-  _globals['_ABORTREQUEST']._serialized_end=906
-  _globals['_ABORTRESPONSE']._serialized_start=908
-  _globals['_ABORTRESPONSE']._serialized_end=938
-  _globals['_STATSREQUEST']._serialized_start=940
-  _globals['_STATSREQUEST']._serialized_end=954
-  _globals['_WORKERSTATS']._serialized_start=957
-  _globals['_WORKERSTATS']._serialized_end=1148
-  _globals['_WORKER']._serialized_start=1151
-  _globals['_WORKER']._serialized_end=1515
+  _globals['_KVCHUNK']._serialized_end=869
+  _globals['_ABORTREQUEST']._serialized_start=871
+  _globals['_ABORTREQUEST']._serialized_end=905
+  _globals['_ABORTRESPONSE']._serialized_start=907
+  _globals['_ABORTRESPONSE']._serialized_end=937
+  _globals['_STATSREQUEST']._serialized_start=939
+  _globals['_STATSREQUEST']._serialized_end=953
+  _globals['_KVBLOCKEVENT']._serialized_start=956
+  _globals['_KVBLOCKEVENT']._serialized_end=1106
+  _globals['_KVBLOCKEVENT_KIND']._serialized_start=1043
+  _globals['_KVBLOCKEVENT_KIND']._serialized_end=1106
+  _globals['_WORKERSTATS']._serialized_start=1109
+  _globals['_WORKERSTATS']._serialized_end=1466
+  _globals['_WORKER']._serialized_start=1469
+  _globals['_WORKER']._serialized_end=1908
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from switchboard.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
@@ -212,13 +213,13 @@ class KvChunk(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
-    CRC32C_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     data: _builtins.bytes
     total_bytes: _builtins.int
-    crc32c: _builtins.int
-    """CRC32C of this chunk's data."""
+    crc32: _builtins.int
+    """CRC-32 (IEEE, as zlib computes it) of this chunk's data."""
     last: _builtins.bool
     def __init__(
         self,
@@ -226,12 +227,12 @@ class KvChunk(_message.Message):
         sequence: _builtins.int = ...,
         data: _builtins.bytes = ...,
         total_bytes: _builtins.int = ...,
-        crc32c: _builtins.int = ...,
+        crc32: _builtins.int = ...,
         last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "last", b"last", "sequence", b"sequence", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "last", b"last", "sequence", b"sequence", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,6 +292,46 @@ class StatsRequest(_message.Message):
 Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
 
 @_typing.final
+class KvBlockEvent(_message.Message):
+    """A prefix-cache change on a worker, for prefix-aware routing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[KvBlockEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: KvBlockEvent._Kind.ValueType  # 0
+        KIND_STORED: KvBlockEvent._Kind.ValueType  # 1
+        KIND_EVICTED: KvBlockEvent._Kind.ValueType  # 2
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: KvBlockEvent.Kind.ValueType  # 0
+    KIND_STORED: KvBlockEvent.Kind.ValueType  # 1
+    KIND_EVICTED: KvBlockEvent.Kind.ValueType  # 2
+
+    KIND_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    kind: Global___KvBlockEvent.Kind.ValueType
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___KvBlockEvent.Kind.ValueType = ...,
+        block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvBlockEvent: _TypeAlias = KvBlockEvent  # noqa: Y015
+
+@_typing.final
 class WorkerStats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -301,6 +342,12 @@ class WorkerStats(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LAST_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_SEEN_FIELD_NUMBER: _builtins.int
+    INFLIGHT_REQUESTS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     running_requests: _builtins.int
     waiting_requests: _builtins.int
@@ -308,6 +355,19 @@ class WorkerStats(_message.Message):
     kv_blocks_total: _builtins.int
     prefix_cache_hit_rate: _builtins.float
     tokens_per_second: _builtins.float
+    last_batch_size: _builtins.int
+    """Sequences in the most recent decode step, and the most seen so far."""
+    max_batch_size_seen: _builtins.int
+    inflight_requests: _builtins.int
+    """Requests this worker's service is serving now (prefill, decode or KV fetch)."""
+    draining: _builtins.bool
+    """True once the worker stopped taking new work (it finishes what it has, then leaves)."""
+    sequence: _builtins.int
+    """Monotonic sequence number of this report."""
+    @_builtins.property
+    def kv_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___KvBlockEvent]:
+        """In WatchStats: the KV events since the previous message."""
+
     def __init__(
         self,
         *,
@@ -318,10 +378,16 @@ class WorkerStats(_message.Message):
         kv_blocks_total: _builtins.int = ...,
         prefix_cache_hit_rate: _builtins.float = ...,
         tokens_per_second: _builtins.float = ...,
+        last_batch_size: _builtins.int = ...,
+        max_batch_size_seen: _builtins.int = ...,
+        inflight_requests: _builtins.int = ...,
+        draining: _builtins.bool = ...,
+        kv_events: _abc.Iterable[Global___KvBlockEvent] | None = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "prefix_cache_hit_rate", b"prefix_cache_hit_rate", "running_requests", b"running_requests", "tokens_per_second", b"tokens_per_second", "waiting_requests", b"waiting_requests", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "inflight_requests", b"inflight_requests", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "kv_events", b"kv_events", "last_batch_size", b"last_batch_size", "max_batch_size_seen", b"max_batch_size_seen", "prefix_cache_hit_rate", b"prefix_cache_hit_rate", "running_requests", b"running_requests", "sequence", b"sequence", "tokens_per_second", b"tokens_per_second", "waiting_requests", b"waiting_requests", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

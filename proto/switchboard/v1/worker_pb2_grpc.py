@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=switchboard_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.WatchStats = channel.unary_stream(
+                '/switchboard.v1.Worker/WatchStats',
+                request_serializer=switchboard_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -94,6 +99,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchStats(self, request, context):
+        """Load reports (and KV events) pushed at the worker's report rate (>= 2 Hz), so routers
+        never poll for load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +132,11 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
+                    request_deserializer=switchboard_dot_v1_dot_worker__pb2.StatsRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'WatchStats': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStats,
                     request_deserializer=switchboard_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
             ),
@@ -256,6 +274,33 @@ class Worker:
             request,
             target,
             '/switchboard.v1.Worker/Stats',
+            switchboard_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
+            switchboard_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchboard.v1.Worker/WatchStats',
             switchboard_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             switchboard_dot_v1_dot_worker__pb2.WorkerStats.FromString,
             options,

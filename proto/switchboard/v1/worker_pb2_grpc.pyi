@@ -40,6 +40,10 @@ class WorkerStub:
     FetchKv: _grpc.UnaryStreamMultiCallable[_worker_pb2.FetchKvRequest, _worker_pb2.KvChunk]
     Abort: _grpc.UnaryUnaryMultiCallable[_worker_pb2.AbortRequest, _worker_pb2.AbortResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.WorkerStats]
+    WatchStats: _grpc.UnaryStreamMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.WorkerStats]
+    """Load reports (and KV events) pushed at the worker's report rate (>= 2 Hz), so routers
+    never poll for load.
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -49,6 +53,10 @@ class WorkerAsyncStub(WorkerStub):
     FetchKv: _aio.UnaryStreamMultiCallable[_worker_pb2.FetchKvRequest, _worker_pb2.KvChunk]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_worker_pb2.AbortRequest, _worker_pb2.AbortResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.WorkerStats]  # type: ignore[assignment]
+    WatchStats: _aio.UnaryStreamMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.WorkerStats]  # type: ignore[assignment]
+    """Load reports (and KV events) pushed at the worker's report rate (>= 2 Hz), so routers
+    never poll for load.
+    """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -85,5 +93,15 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.StatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.WorkerStats, _abc.Awaitable[_worker_pb2.WorkerStats]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchStats(
+        self,
+        request: _worker_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.WorkerStats], _abc.AsyncIterator[_worker_pb2.WorkerStats]]:
+        """Load reports (and KV events) pushed at the worker's report rate (>= 2 Hz), so routers
+        never poll for load.
+        """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,266 @@
+"""The Worker gRPC service over any InferenceEngine, with draining and pushed load reports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+from switchboard.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+
+from controlplane.adapters.grpc.errors import server_stream, unary
+from controlplane.errors import FailedPrecondition, InvalidArgument, Unavailable
+from workers.engine import (
+    EngineStats,
+    InferenceEngine,
+    KvEvent,
+    KvEventKind,
+    KvHandle,
+    Role,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+DEFAULT_KV_CHUNK_BYTES = 1 << 20
+MAX_KV_CHUNK_BYTES = 16 << 20
+
+_KV_KIND = {
+    KvEventKind.STORED: worker_pb2.KvBlockEvent.KIND_STORED,
+    KvEventKind.EVICTED: worker_pb2.KvBlockEvent.KIND_EVICTED,
+}
+
+
+def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=msg.max_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else 0.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        seed=msg.seed if msg.HasField("seed") else None,
+    ).validate()
+
+
+def kv_to_pb(kv: KvHandle) -> worker_pb2.KvHandle:
+    import json
+
+    return worker_pb2.KvHandle(
+        source_address=kv.source_address,
+        kv_id=kv.kv_id,
+        num_tokens=kv.num_tokens,
+        size_bytes=kv.size_bytes,
+        engine_params=json.dumps(dict(kv.engine_params), sort_keys=True),
+    )
+
+
+def kv_from_pb(msg: worker_pb2.KvHandle) -> KvHandle:
+    import json
+
+    try:
+        params = json.loads(msg.engine_params) if msg.engine_params else {}
+    except ValueError:
+        raise InvalidArgument("kv.engine_params is not JSON") from None
+    if not msg.kv_id or not msg.source_address:
+        raise InvalidArgument("kv.kv_id and kv.source_address are required")
+    return KvHandle(
+        kv_id=msg.kv_id,
+        source_address=msg.source_address,
+        num_tokens=msg.num_tokens,
+        size_bytes=msg.size_bytes,
+        engine_params={str(k): str(v) for k, v in params.items()},
+    )
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """Serves one engine. ``drain()`` stops new work and waits for in-flight work to finish."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        *,
+        worker_id: str,
+        role: Role,
+        report_interval_s: float = 0.25,
+        subscriber_queue: int = 64,
+    ) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.role = role
+        self.report_interval_s = report_interval_s
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._subscribers: set[asyncio.Queue[worker_pb2.WorkerStats]] = set()
+        self._subscriber_queue = subscriber_queue
+        self._sequence = 0
+
+    # --- admission and in-flight accounting ------------------------------------------------
+    @contextlib.contextmanager
+    def _work(self, *roles: Role) -> Iterator[None]:
+        if self.draining:
+            raise Unavailable(f"worker {self.worker_id} is draining; send new work elsewhere")
+        if self.role is not Role.BOTH and self.role not in roles:
+            raise FailedPrecondition(f"worker {self.worker_id} is a {self.role} worker")
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Take no new work; wait (up to ``timeout_s``) for in-flight work. True if idle."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            log.warning("drain timed out with %d requests in flight", self.inflight)
+            return False
+
+    # --- RPCs ------------------------------------------------------------------------------
+    @unary
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: Context
+    ) -> worker_pb2.PrefillResponse:
+        request_id = _request_id(request.request_id)
+        sampling = sampling_from_pb(request.sampling)
+        with self._work(Role.PREFILL):
+            res = await self.engine.prefill(request_id, tuple(request.prompt_token_ids), sampling)
+        return worker_pb2.PrefillResponse(
+            request_id=res.request_id,
+            first_token_id=res.first_token_id,
+            kv=kv_to_pb(res.kv),
+            cached_prompt_tokens=res.cached_prompt_tokens,
+        )
+
+    @server_stream
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        request_id = _request_id(request.request_id)
+        sampling = sampling_from_pb(request.sampling)
+        prompt = tuple(request.prompt_token_ids)
+        with self._work(Role.DECODE):
+            if request.HasField("kv"):
+                stream = self.engine.decode(
+                    request_id, prompt, request.first_token_id, kv_from_pb(request.kv), sampling
+                )
+                completion = 1  # the first token came from the prefill worker
+            else:
+                stream = self.engine.generate(request_id, prompt, sampling)
+                completion = 0
+            finished = False
+            try:
+                async for chunk in stream:
+                    completion += len(chunk.token_ids)
+                    msg = worker_pb2.DecodeChunk(token_ids=list(chunk.token_ids))
+                    if chunk.finish_reason is not None:
+                        finished = True
+                        msg.finish_reason = chunk.finish_reason
+                        msg.usage.prompt_tokens = len(prompt)
+                        msg.usage.completion_tokens = completion
+                    yield msg
+            finally:
+                if not finished:  # the client went away or something broke: free the KV
+                    with contextlib.suppress(Exception):
+                        await self.engine.abort(request_id)
+
+    @server_stream
+    async def FetchKv(
+        self, request: worker_pb2.FetchKvRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.KvChunk]:
+        if not request.kv_id:
+            raise InvalidArgument("kv_id is required")
+        if request.chunk_bytes > MAX_KV_CHUNK_BYTES:
+            raise InvalidArgument(f"chunk_bytes exceeds {MAX_KV_CHUNK_BYTES}")
+        size = request.chunk_bytes or DEFAULT_KV_CHUNK_BYTES
+        with self._work(Role.PREFILL):
+            data = self.engine.export_kv(request.kv_id)
+            total = len(data)
+            offsets = range(0, max(total, 1), size)
+            for seq, start in enumerate(offsets):
+                piece = data[start : start + size]
+                yield worker_pb2.KvChunk(
+                    sequence=seq,
+                    data=piece,
+                    total_bytes=total,
+                    crc32=zlib.crc32(piece),
+                    last=start + size >= total,
+                )
+
+    @unary
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: Context
+    ) -> worker_pb2.AbortResponse:
+        found = await self.engine.abort(_request_id(request.request_id))
+        return worker_pb2.AbortResponse(found=found)
+
+    @unary
+    async def Stats(
+        self, request: worker_pb2.StatsRequest, context: Context
+    ) -> worker_pb2.WorkerStats:
+        return self._report(self.engine.stats(), [])
+
+    @server_stream
+    async def WatchStats(
+        self, request: worker_pb2.StatsRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.WorkerStats]:
+        queue: asyncio.Queue[worker_pb2.WorkerStats] = asyncio.Queue(self._subscriber_queue)
+        self._subscribers.add(queue)
+        try:
+            yield self._report(self.engine.stats(), [])
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    # --- load reports ----------------------------------------------------------------------
+    def _report(self, stats: EngineStats, events: list[KvEvent]) -> worker_pb2.WorkerStats:
+        self._sequence += 1
+        return worker_pb2.WorkerStats(
+            worker_id=self.worker_id,
+            running_requests=stats.running_requests,
+            waiting_requests=stats.waiting_requests,
+            kv_blocks_used=stats.kv_blocks_used,
+            kv_blocks_total=stats.kv_blocks_total,
+            prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+            tokens_per_second=stats.tokens_per_second,
+            last_batch_size=stats.last_batch_size,
+            max_batch_size_seen=stats.max_batch_size_seen,
+            inflight_requests=self.inflight,
+            draining=self.draining,
+            kv_events=[
+                worker_pb2.KvBlockEvent(kind=_KV_KIND[e.kind], block_hashes=list(e.block_hashes))
+                for e in events
+            ],
+            sequence=self._sequence,
+        )
+
+    async def publish_forever(self) -> None:
+        """Push a load report (with the KV events since the last one) to every subscriber."""
+        while True:
+            await asyncio.sleep(self.report_interval_s)
+            events = self.engine.drain_kv_events()
+            if not self._subscribers:
+                continue
+            report = self._report(self.engine.stats(), events)
+            for queue in list(self._subscribers):
+                if queue.full():  # a slow subscriber loses its oldest report, not the newest
+                    queue.get_nowait()
+                queue.put_nowait(report)
+
+
+def _request_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("request_id is required")
+    if len(value) > 256:
+        raise InvalidArgument("request_id is longer than 256 characters")
+    return value
