@@ -190,6 +190,33 @@ def cmd_gpus(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_worker(args: argparse.Namespace) -> None:
+    from workers.engine import Role
+    from workers.main import WorkerSettings, run_worker
+
+    kwargs: dict[str, Any] = {}
+    if args.worker_id:
+        kwargs["worker_id"] = args.worker_id
+    settings = WorkerSettings(
+        etcd=_etcd_settings(args),
+        model=args.model,
+        engine=args.engine,
+        role=Role(args.role),
+        profile=args.profile,
+        speedup=args.speedup,
+        listen=args.listen,
+        node_id=args.node_id or "",
+        lease_ttl_s=args.ttl,
+        drain_timeout_s=args.drain_timeout,
+        port_file=args.port_file or "",
+        **kwargs,
+    )
+    try:
+        _run_until_signal(lambda stop: run_worker(settings, stop))
+    except SwitchboardError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from controlplane.local.up import LocalCluster, UpSettings
 
@@ -353,6 +380,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ray-node-id", help="Ray node id of this host")
     sp.add_argument("--address", help="address workers on this node advertise")
     sp.set_defaults(func=cmd_node_agent)
+
+    sp = sub.add_parser("worker", help="run an inference worker (prefill, decode or both)")
+    etcd_flags(sp)
+    sp.add_argument("--model", default="llama-3.1-8b", help="model name tenants use")
+    sp.add_argument(
+        "--engine",
+        default="sim",
+        choices=["sim"],
+        help="inference engine (the cpu, vllm and trtllm engines come next)",
+    )
+    sp.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
+    sp.add_argument(
+        "--profile",
+        default="llama-3.1-8b-h100",
+        help="sim: profile name under workers/profiles/ or a YAML path",
+    )
+    sp.add_argument("--speedup", type=float, default=1.0, help="sim: faster than real time")
+    sp.add_argument("--listen", default="127.0.0.1:0", help="gRPC listen address")
+    sp.add_argument("--worker-id", help="default: w-<random>")
+    sp.add_argument("--node-id", help="the node this worker runs on")
+    sp.add_argument("--ttl", type=int, default=10, help="registration lease TTL, seconds")
+    sp.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait this long for in-flight requests",
+    )
+    sp.add_argument("--port-file", help="write the bound port here once serving")
+    sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser("gpus", help="print the GPU inventory the node agent would register")
     inventory_flags(sp)

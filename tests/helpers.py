@@ -186,3 +186,53 @@ def watch_nodes(
     finally:
         call.cancel()
         thread.join(5)
+
+
+@dataclass
+class WorkerProc:
+    process: ManagedProcess
+    port_file: Path
+    worker_id: str
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout_s: float = 20.0) -> WorkerProc:
+        def ready() -> bool:
+            if not self.process.alive():
+                raise AssertionError(f"worker exited:\n{self.process.tail()}")
+            return self.port_file.exists() and self.port_file.read_text().strip() != ""
+
+        wait_until(ready, timeout_s, what="worker port file")
+        self.port = int(self.port_file.read_text())
+        return self
+
+
+def start_worker(
+    tmp: Path,
+    etcd_endpoint: str,
+    worker_id: str,
+    *,
+    role: str,
+    profile: str = "llama-3.1-8b-h100",
+    model: str = "llama-3.1-8b",
+    ttl_s: int = 2,
+    extra: list[str] | None = None,
+) -> WorkerProc:
+    port_file = tmp / f"{worker_id}.port"
+    argv = [
+        PYTHON, "-m", "controlplane", "worker",
+        "--etcd", etcd_endpoint,
+        "--engine", "sim",
+        "--profile", profile,
+        "--model", model,
+        "--role", role,
+        "--worker-id", worker_id,
+        "--ttl", str(ttl_s),
+        "--port-file", str(port_file),
+        *(extra or []),
+    ]  # fmt: skip
+    proc = ManagedProcess(worker_id, argv, tmp / f"{worker_id}.log").start()
+    return WorkerProc(proc, port_file, worker_id).wait_serving()

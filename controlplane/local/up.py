@@ -6,9 +6,12 @@ Starts, in order, and stops in reverse on Ctrl-C (SIGINT) or SIGTERM, each by PI
 2. a local multi-node Ray cluster on loopback (``ray.cluster_utils.Cluster``), each Ray node
    declaring ``--gpus-per-node`` GPUs and labelled ``switchboard.io/node-id=local-<i>``;
 3. one node agent per Ray node (declared inventory, bound to that Ray node's id);
-4. the control plane (gRPC on 127.0.0.1:<grpc-port>).
+4. the control plane (gRPC on 127.0.0.1:<grpc-port>);
+5. one prefill and one decode worker (sim engine, Llama-3.1-8B on H100 profile), registered in
+   etcd under ``/switchboard/v1/workers/``. They run as plain processes for now; placing them on
+   Ray is the placement work's job.
 
-Later parts of the system (workers, gateway) are added to ``LocalCluster.start`` the same way.
+Later parts of the system (gateway, router) are added to ``LocalCluster.start`` the same way.
 Logs go to ``<state-dir>/logs/``; the PIDs of everything started are in ``<state-dir>/up.pids``
 while it runs, so a crashed ``up`` can be cleaned up by PID (never by process name).
 """
@@ -50,6 +53,10 @@ class UpSettings:
     lease_ttl_s: int = 10
     ray_object_store_bytes: int = 80 * 1024 * 1024
     """Per Ray node; kept small, this machine has 2 cores."""
+    model: str = "llama-3.1-8b"
+    """Model served by the local prefill and decode workers."""
+    sim_profile: str = "llama-3.1-8b-h100"
+    """Simulated-engine profile of the local workers (workers/profiles/)."""
 
 
 @dataclass
@@ -155,6 +162,21 @@ class LocalCluster:
             ],
         )  # fmt: skip
         self._wait_for_nodes()
+        for i, role in enumerate(("prefill", "decode")):
+            self._spawn(
+                f"worker-{role}",
+                [
+                    "worker",
+                    "--etcd", self.etcd_endpoint,
+                    "--engine", "sim",
+                    "--model", self.s.model,
+                    "--profile", self.s.sim_profile,
+                    "--role", role,
+                    "--worker-id", f"local-{role}-0",
+                    "--node-id", f"local-{i % self.s.ray_nodes}",
+                    "--ttl", str(self.s.lease_ttl_s),
+                ],
+            )  # fmt: skip
 
     @property
     def etcd_endpoint(self) -> str:
@@ -245,6 +267,8 @@ class LocalCluster:
             f"  etcd            127.0.0.1:{self.s.etcd_port}",
             f"  Ray             {self.ray_address}  ({self.s.ray_nodes} nodes, {total} GPUs)",
             f"  control plane   127.0.0.1:{self.s.grpc_port}  (gRPC: NodeRegistry, ControlPlane)",
+            f"  workers         1 prefill + 1 decode, sim engine, model {self.s.model}"
+            f" ({self.s.sim_profile})",
             f"  logs            {self.logs}/",
             "",
             f"  try: switchboard nodes --endpoint 127.0.0.1:{self.s.grpc_port}",

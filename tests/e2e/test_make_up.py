@@ -59,7 +59,8 @@ def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) 
         assert "local-1" in table
         wait_until(lambda: "Switchboard is up." in log_path.read_text(), 30, what="banner")
         pids = {k: int(v) for k, v in json.loads((state / "up.pids").read_text()).items()}
-        assert {"etcd", "controlplane", "agent-local-0", "agent-local-1"} <= set(pids)
+        assert {"etcd", "controlplane", "agent-local-0", "agent-local-1",
+                "worker-prefill", "worker-decode"} <= set(pids)  # fmt: skip
         assert any(k.startswith("ray-") for k in pids)
         assert all(pid_alive(p) for p in pids.values())
 

@@ -1,0 +1,1 @@
+"""Engine adapters: vllm, trtllm, cpu, sim."""
