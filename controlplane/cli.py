@@ -239,7 +239,8 @@ def cmd_up(args: argparse.Namespace) -> None:
 def _client_call(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
     import grpc
 
-    with grpc.insecure_channel(args.endpoint) as channel:
+    options = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+    with grpc.insecure_channel(args.endpoint, options=options) as channel:
         try:
             return fn(channel)
         except grpc.RpcError as e:

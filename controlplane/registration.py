@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -57,6 +58,7 @@ class LeasedRecord(Generic[R]):
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
         name: str = "record",
+        rng: random.Random | None = None,
     ) -> None:
         """``snapshot(previous)`` returns the record to publish now (``previous`` is the last one
         written under the current lease, or None when registering); it may raise
@@ -68,6 +70,7 @@ class LeasedRecord(Generic[R]):
         self._report_s = report_interval_s
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._name = name
+        self._rng = rng or random.Random()
         self.lease_id = 0
         self.registrations = 0  # how many times the record has been (re-)registered
         self.registered = asyncio.Event()
@@ -98,18 +101,34 @@ class LeasedRecord(Generic[R]):
                     log.warning("%s: cannot register yet (%s); retrying in %.1fs",
                                 self._name, e, delay)  # fmt: skip
                 self.registered.clear()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._jittered(delay))
                 delay = min(delay * 2, self._backoff[1])
         finally:
             await self.deregister()
 
+    def _jittered(self, delay: float) -> float:
+        """Full jitter in [delay/2, delay]: thousands of agents must not retry in step."""
+        return delay * (0.5 + 0.5 * self._rng.random())
+
     async def _maintain(self) -> None:
-        """Refresh the lease and publish changes; returns only via LeaseNotFound."""
+        """Refresh the lease and publish changes; returns only via LeaseNotFound.
+
+        Refreshes run on a fixed schedule (every TTL/3, jittered by up to 10%, measured from
+        the previous refresh's *start*), so a slow etcd does not stretch the period and agents
+        that registered together drift apart instead of refreshing in bursts.
+        """
         interval = max(self._ttl / 3.0, 0.2)
+        loop = asyncio.get_running_loop()
         next_report = self._clock() + self._report_s
         delay = self._backoff[0]
+        due = loop.time() + interval * (0.9 + 0.1 * self._rng.random())
         while True:
-            await asyncio.sleep(interval if delay == self._backoff[0] else delay)
+            if delay == self._backoff[0]:
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                due += interval * (0.9 + 0.1 * self._rng.random())
+            else:
+                await asyncio.sleep(self._jittered(delay))
+                due = loop.time() + interval
             try:
                 await self._store.keepalive(self.lease_id)
                 if self._clock() >= next_report:

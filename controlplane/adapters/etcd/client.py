@@ -14,6 +14,7 @@ restarted etcd is found again within a second instead of gRPC's default two minu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,8 @@ import grpc
 from controlplane.errors import NotFound, SwitchboardError, Unavailable
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -147,6 +150,8 @@ class EtcdClient:
                 "grpc.initial_reconnect_backoff_ms": 100,
                 "grpc.min_reconnect_backoff_ms": 100,
                 "grpc.max_reconnect_backoff_ms": 1000,
+                # A full listing of 10k nodes is ~19 MB: far above gRPC's 4 MiB default.
+                "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
                 "grpc.keepalive_time_ms": 10_000,
                 "grpc.keepalive_timeout_ms": 5_000,
             },
@@ -205,6 +210,21 @@ class EtcdClient:
     @_translated
     async def grant_lease(self, ttl_s: int) -> int:
         return int((await self._client.lease(ttl_s)).id)
+
+    async def put_with_new_lease(self, key: bytes, value: bytes, ttl_s: int) -> int:
+        """Grant a lease and write ``key`` bound to it; returns the lease id.
+
+        If the write fails, the lease is revoked (best effort) so that retries under load do not
+        leave orphaned leases for etcd to expire through its log.
+        """
+        lease = await self.grant_lease(ttl_s)
+        try:
+            await self.put(key, value, lease=lease)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.revoke_lease(lease), 1.0)
+            raise
+        return lease
 
     @_translated
     async def keepalive_once(self, lease_id: int) -> int:

@@ -133,7 +133,7 @@ class NodeCache:
             except asyncio.CancelledError:
                 raise
             except SwitchboardError as e:
-                log.warning("node watch broken (%s); re-listing in %.1fs", e, delay)
+                log.warning("node list/watch failed (%s); re-listing in %.1fs", e, delay)
             except Exception:
                 log.exception("node cache loop failed; re-listing in %.1fs", delay)
             self.synced.clear()

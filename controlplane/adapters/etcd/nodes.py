@@ -77,9 +77,9 @@ class EtcdNodeRegistry:
     # --- agent side ----------------------------------------------------------------------
     async def register(self, inv: NodeInventory, ttl_s: int) -> int:
         """Grant a lease and write the inventory bound to it; returns the lease id."""
-        lease = await self.client.grant_lease(ttl_s)
-        await self.client.put(self.inventory_key(inv.node_id), encode_inventory(inv), lease=lease)
-        return lease
+        return await self.client.put_with_new_lease(
+            self.inventory_key(inv.node_id), encode_inventory(inv), ttl_s
+        )
 
     async def update(self, inv: NodeInventory, lease_id: int) -> int:
         """Rewrite the inventory under its lease (raises LeaseNotFound once it expired)."""

@@ -61,9 +61,7 @@ class EtcdWorkerRegistry:
         return f"{self.prefix}{rec.model}/{rec.role}/{rec.worker_id}".encode()
 
     async def register(self, record: WorkerRecord, ttl_s: int) -> int:
-        lease = await self.client.grant_lease(ttl_s)
-        await self.client.put(self.key(record), encode_worker(record), lease=lease)
-        return lease
+        return await self.client.put_with_new_lease(self.key(record), encode_worker(record), ttl_s)
 
     async def update(self, record: WorkerRecord, lease_id: int) -> int:
         return await self.client.put(self.key(record), encode_worker(record), lease=lease_id)

@@ -61,7 +61,7 @@ class GrpcServer:
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 256 * 1024 * 1024),
             ]
         )
         self.health = health.aio.HealthServicer()
