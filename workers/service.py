@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -46,8 +47,6 @@ def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
 
 
 def kv_to_pb(kv: KvHandle) -> worker_pb2.KvHandle:
-    import json
-
     return worker_pb2.KvHandle(
         source_address=kv.source_address,
         kv_id=kv.kv_id,
@@ -58,8 +57,6 @@ def kv_to_pb(kv: KvHandle) -> worker_pb2.KvHandle:
 
 
 def kv_from_pb(msg: worker_pb2.KvHandle) -> KvHandle:
-    import json
-
     try:
         params = json.loads(msg.engine_params) if msg.engine_params else {}
     except ValueError:

@@ -35,7 +35,6 @@ class NodeAgent(LeasedRecord[NodeInventory]):
     ) -> None:
         self._probe = probe
         self._base = base
-        self._node_clock = clock
         super().__init__(
             registry,
             self._inventory,
@@ -53,7 +52,7 @@ class NodeAgent(LeasedRecord[NodeInventory]):
         gpus = self._probe.read()
         if previous is not None and previous.gpus == gpus:
             return previous
-        now = self._node_clock()
+        now = self._clock()
         return validate_inventory(
             dataclasses.replace(
                 self._base,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -55,7 +55,7 @@ def _method_handler(servicer: object, method: MethodDescriptor) -> grpc.RpcMetho
 class GrpcServer:
     """A started-on-demand aio server with health + reflection for the given service names."""
 
-    def __init__(self, bind: str, *, max_workers_hint: int = 0) -> None:
+    def __init__(self, bind: str) -> None:
         self.bind = bind
         self.server = grpc.aio.server(
             options=[
@@ -76,9 +76,6 @@ class GrpcServer:
             (grpc.method_handlers_generic_handler(service.full_name, handlers),)
         )
         self._services.append(service.full_name)
-
-    def add_services(self, names: Iterable[str]) -> None:
-        self._services.extend(names)
 
     async def start(self, *, bind: bool = True) -> int:
         """Start serving; ``bind=False`` when the caller already added a port (to learn it
