@@ -204,6 +204,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         role=Role(args.role),
         profile=args.profile,
         speedup=args.speedup,
+        model_path=args.model_path,
+        engine_args=args.engine_args,
         listen=args.listen,
         node_id=args.node_id or "",
         lease_ttl_s=args.ttl,
@@ -214,6 +216,56 @@ def cmd_worker(args: argparse.Namespace) -> None:
     try:
         _run_until_signal(lambda stop: run_worker(settings, stop))
     except SwitchboardError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_make_model(args: argparse.Namespace) -> None:
+    from workers.engines.cpu_model import ModelShape, ensure_model, make_model
+
+    shape = ModelShape(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.hidden_size * 3,
+    )
+    try:
+        out = ensure_model(args.path, shape) if args.if_missing else make_model(args.path, shape)
+    except SwitchboardError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"model written to {out} ({shape.kv_bytes_per_token} bytes of KV per token)")
+
+
+def cmd_serve_openai(args: argparse.Namespace) -> None:
+    import uvloop
+
+    from workers.engine import Role
+    from workers.openai_main import OpenAIServerSettings, run_openai_server
+
+    settings = OpenAIServerSettings(
+        engine=args.engine,
+        model=args.model or "",
+        profile=args.profile,
+        speedup=args.speedup,
+        model_path=args.model_path,
+        engine_args=args.engine_args,
+        role=Role(args.role),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        drain_timeout_s=args.drain_timeout,
+        port_file=args.port_file or "",
+    )
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_openai_server(settings, stop)
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            r.run(runner())
+    except (SwitchboardError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -229,6 +281,10 @@ def cmd_up(args: argparse.Namespace) -> None:
         gpu_model=args.gpu_model,
         gpu_memory_gib=args.gpu_memory_gib,
         lease_ttl_s=args.ttl,
+        worker_engine=args.worker_engine,
+        model=args.model or ("tiny-llama" if args.worker_engine == "cpu" else "llama-3.1-8b"),
+        model_path=args.model_path,
+        sim_profile=args.profile,
     )
     sys.exit(LocalCluster(settings).run_foreground())
 
@@ -388,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--engine",
         default="sim",
-        choices=["sim"],
-        help="inference engine (the cpu, vllm and trtllm engines come next)",
+        choices=["cpu", "sim", "vllm", "trtllm"],
+        help="cpu: a real small model on CPU; sim: calibrated simulation; vllm / trtllm: GPUs",
     )
+    sp.add_argument("--model-path", default="", help="cpu, vllm, trtllm: the model directory")
+    sp.add_argument("--engine-args", default="", help="engine-specific options as a JSON object")
     sp.add_argument("--role", default="both", choices=["prefill", "decode", "both"])
     sp.add_argument(
         "--profile",
@@ -410,6 +468,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--port-file", help="write the bound port here once serving")
     sp.set_defaults(func=cmd_worker)
+
+    sp = sub.add_parser(
+        "make-model",
+        help="make a small random-weight Llama model + BPE tokenizer for the cpu engine",
+    )
+    sp.add_argument("path", help="model directory to write")
+    sp.add_argument("--hidden-size", type=int, default=256)
+    sp.add_argument("--layers", type=int, default=4)
+    sp.add_argument(
+        "--if-missing", action="store_true", help="keep an existing model of the same shape"
+    )
+    sp.set_defaults(func=cmd_make_model)
+
+    sp = sub.add_parser(
+        "serve-openai",
+        help="serve one engine over an OpenAI-compatible HTTP API (for peer routers)",
+    )
+    sp.add_argument("--engine", default="sim", choices=["sim", "cpu"], help="inference engine")
+    sp.add_argument("--model-path", default="", help="cpu: the model directory")
+    sp.add_argument("--engine-args", default="", help="engine-specific options (JSON object)")
+    sp.add_argument("--model", help="model name clients send (default: the profile's model)")
+    sp.add_argument(
+        "--profile",
+        default="llama-3.1-8b-h100",
+        help="sim: profile name under workers/profiles/ or a YAML path",
+    )
+    sp.add_argument("--speedup", type=float, default=1.0, help="sim: faster than real time")
+    sp.add_argument(
+        "--role",
+        default="both",
+        choices=["prefill", "decode", "both"],
+        help="which half of vLLM's kv_transfer_params protocol this server serves",
+    )
+    sp.add_argument("--host", default="127.0.0.1", help="HTTP and gRPC listen host")
+    sp.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    sp.add_argument(
+        "--grpc-port", type=int, default=0, help="Worker gRPC port for KV hand-off (0: any)"
+    )
+    sp.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait this long for open requests",
+    )
+    sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    sp.set_defaults(func=cmd_serve_openai)
 
     sp = sub.add_parser("gpus", help="print the GPU inventory the node agent would register")
     inventory_flags(sp)
@@ -446,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpu-model", default="NVIDIA H100 80GB HBM3")
     sp.add_argument("--gpu-memory-gib", type=float, default=80.0)
     sp.add_argument("--ttl", type=int, default=10, help="node lease TTL, seconds")
+    sp.add_argument(
+        "--worker-engine",
+        default="cpu",
+        choices=["cpu", "sim"],
+        help="engine of the local workers: cpu (real small model) or sim (simulated)",
+    )
+    sp.add_argument("--model", default="", help="model name the workers serve")
+    sp.add_argument(
+        "--model-path", default="", help="cpu: model directory (default: made on first use)"
+    )
+    sp.add_argument("--profile", default="llama-3.1-8b-h100", help="sim: engine profile")
     sp.set_defaults(func=cmd_up)
     return p
 

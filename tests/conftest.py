@@ -10,6 +10,14 @@ import pytest
 from controlplane.local.procs import EtcdServer
 
 
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The cpu engine's default random-weight model: made once per machine, then reused."""
+    from workers.engines.cpu_model import default_model_dir, ensure_model
+
+    return ensure_model(default_model_dir())
+
+
 @pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server = EtcdServer(tmp_path / "etcd-data", log_path=tmp_path / "etcd.log").start()

@@ -220,13 +220,21 @@ def start_worker(
     model: str = "llama-3.1-8b",
     ttl_s: int = 2,
     extra: list[str] | None = None,
+    engine: str = "sim",
+    model_path: Path | None = None,
+    ready_timeout_s: float = 20.0,
 ) -> WorkerProc:
+    """A ``switchboard worker`` process; sim by default, ``engine="cpu"`` with ``model_path``."""
     port_file = tmp / f"{worker_id}.port"
+    if engine == "sim":
+        engine_flags = ["--profile", profile]
+    else:
+        engine_flags = ["--model-path", str(model_path), "--engine-args", '{"threads": 1}']
     argv = [
         PYTHON, "-m", "controlplane", "worker",
         "--etcd", etcd_endpoint,
-        "--engine", "sim",
-        "--profile", profile,
+        "--engine", engine,
+        *engine_flags,
         "--model", model,
         "--role", role,
         "--worker-id", worker_id,
@@ -235,4 +243,4 @@ def start_worker(
         *(extra or []),
     ]  # fmt: skip
     proc = ManagedProcess(worker_id, argv, tmp / f"{worker_id}.log").start()
-    return WorkerProc(proc, port_file, worker_id).wait_serving()
+    return WorkerProc(proc, port_file, worker_id).wait_serving(ready_timeout_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import socket
 import time
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from switchboard.v1 import worker_pb2
 
@@ -35,7 +37,7 @@ from workers.service import WorkerService
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("sim",)
+ENGINES = ("cpu", "sim", "vllm", "trtllm")
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,16 @@ class WorkerSettings:
     model: str = "llama-3.1-8b"
     """Model name tenants use; also the etcd key segment."""
     engine: str = "sim"
-    """Engine: sim (the cpu, vllm and trtllm engines are added by later work)."""
+    """Engine: cpu (a real small model on CPU), sim (calibrated simulation), vllm, trtllm."""
     role: Role = Role.BOTH
     profile: str = "llama-3.1-8b-h100"
     """sim: profile name (workers/profiles/<name>.yaml) or a path to a profile file."""
     speedup: float = 1.0
     """sim: run this many times faster than real time."""
+    model_path: str = ""
+    """cpu, vllm, trtllm: the model directory (or hub id, where the engine can download)."""
+    engine_args: str = ""
+    """Engine-specific options as a JSON object (e.g. vLLM engine arguments, KV connector)."""
     listen: str = "127.0.0.1:0"
     advertise_host: str = "127.0.0.1"
     worker_id: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:10]}")
@@ -61,7 +67,54 @@ class WorkerSettings:
     port_file: str = ""
 
 
+def worker_settings_to_dict(settings: WorkerSettings) -> dict[str, Any]:
+    """JSON-able fields, e.g. to hand a worker's settings to a Ray actor."""
+    data = dataclasses.asdict(settings)
+    data["role"] = settings.role.value
+    return data
+
+
+def worker_settings_from_dict(data: dict[str, Any]) -> WorkerSettings:
+    """The inverse of ``worker_settings_to_dict``; unknown fields are an InvalidArgument."""
+    known = {f.name for f in dataclasses.fields(WorkerSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidArgument(f"unknown worker settings {unknown}")
+    values = dict(data)
+    if "etcd" in values:
+        values["etcd"] = EtcdSettings(**values["etcd"])
+    if "role" in values:
+        values["role"] = Role(values["role"])
+    return WorkerSettings(**values)
+
+
+def engine_args(settings: WorkerSettings) -> dict[str, Any]:
+    """``settings.engine_args`` parsed: a JSON object, or InvalidArgument saying what is wrong."""
+    if not settings.engine_args:
+        return {}
+    try:
+        parsed = json.loads(settings.engine_args)
+    except ValueError as e:
+        raise InvalidArgument(f"--engine-args is not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument("--engine-args must be a JSON object")
+    return parsed
+
+
 def build_engine(settings: WorkerSettings, address: str, kv_fetcher: KvFetcher) -> InferenceEngine:
+    """The composition root for engines; each engine module is imported only when chosen."""
+    if settings.engine == "cpu":
+        from workers.engines.cpu import build_cpu_engine
+
+        return build_cpu_engine(settings, address, kv_fetcher)
+    if settings.engine == "vllm":
+        from workers.engines.vllm import build_vllm_engine
+
+        return build_vllm_engine(settings, address, kv_fetcher)
+    if settings.engine == "trtllm":
+        from workers.engines.trtllm import build_trtllm_engine
+
+        return build_trtllm_engine(settings, address, kv_fetcher)
     if settings.engine == "sim":
         from workers.engines.sim import build_sim_engine
 
@@ -76,8 +129,13 @@ def build_engine(settings: WorkerSettings, address: str, kv_fetcher: KvFetcher) 
 
 
 async def run_worker(
-    settings: WorkerSettings, stop: asyncio.Event, *, clock: Callable[[], float] = time.time
+    settings: WorkerSettings,
+    stop: asyncio.Event,
+    *,
+    clock: Callable[[], float] = time.time,
+    on_serving: Callable[[str], None] | None = None,
 ) -> None:
+    """Serve until ``stop`` is set, then drain. ``on_serving(address)`` once it is reachable."""
     if settings.report_interval_s > 0.5:
         raise InvalidArgument("report_interval_s must be <= 0.5 (load reports at >= 2 Hz)")
     server = GrpcServer(settings.listen)
@@ -126,6 +184,8 @@ async def run_worker(
     )
     if settings.port_file:
         await asyncio.to_thread(Path(settings.port_file).write_text, f"{port}\n")
+    if on_serving is not None:
+        on_serving(address)
     tasks = [
         asyncio.create_task(registration.run(), name="registration"),
         asyncio.create_task(service.publish_forever(), name="load-reports"),

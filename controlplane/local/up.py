@@ -7,9 +7,12 @@ Starts, in order, and stops in reverse on Ctrl-C (SIGINT) or SIGTERM, each by PI
    declaring ``--gpus-per-node`` GPUs and labelled ``switchboard.io/node-id=local-<i>``;
 3. one node agent per Ray node (declared inventory, bound to that Ray node's id);
 4. the control plane (gRPC on 127.0.0.1:<grpc-port>);
-5. one prefill and one decode worker (sim engine, Llama-3.1-8B on H100 profile), registered in
-   etcd under ``/switchboard/v1/workers/``. They run as plain processes for now; placing them on
-   Ray is the placement work's job.
+5. one prefill and one decode worker, registered in etcd under ``/switchboard/v1/workers/``:
+   by default the ``cpu`` engine serving a small random-weight Llama (``switchboard
+   make-model``, made once into ``~/.cache/switchboard/models/tiny-llama`` and reused), with a
+   real prefill -> KV hand-off -> decode; ``--worker-engine sim`` runs the calibrated simulated
+   engine instead. They run as plain processes for now; placing them on Ray is the placement
+   work's job.
 
 Later parts of the system (gateway, router) are added to ``LocalCluster.start`` the same way.
 Logs go to ``<state-dir>/logs/``; the PIDs of everything started are in ``<state-dir>/up.pids``
@@ -53,10 +56,14 @@ class UpSettings:
     lease_ttl_s: int = 10
     ray_object_store_bytes: int = 80 * 1024 * 1024
     """Per Ray node; kept small, this machine has 2 cores."""
-    model: str = "llama-3.1-8b"
-    """Model served by the local prefill and decode workers."""
+    worker_engine: str = "cpu"
+    """Engine of the local prefill and decode workers: cpu (a real small model) or sim."""
+    model: str = "tiny-llama"
+    """Model name the local workers serve (tenants use it)."""
+    model_path: str = ""
+    """cpu: the model directory; empty: the default model, made on first use."""
     sim_profile: str = "llama-3.1-8b-h100"
-    """Simulated-engine profile of the local workers (workers/profiles/)."""
+    """sim: the simulated-engine profile of the local workers (workers/profiles/)."""
 
 
 @dataclass
@@ -162,21 +169,40 @@ class LocalCluster:
             ],
         )  # fmt: skip
         self._wait_for_nodes()
+        engine_flags = ["--engine", self.s.worker_engine]
+        if self.s.worker_engine == "cpu":
+            engine_flags += [
+                "--model-path", self._ensure_model(),
+                "--engine-args", json.dumps({"threads": 1}),
+            ]  # fmt: skip
+        else:
+            engine_flags += ["--profile", self.s.sim_profile]
         for i, role in enumerate(("prefill", "decode")):
             self._spawn(
                 f"worker-{role}",
                 [
                     "worker",
                     "--etcd", self.etcd_endpoint,
-                    "--engine", "sim",
+                    *engine_flags,
                     "--model", self.s.model,
-                    "--profile", self.s.sim_profile,
                     "--role", role,
                     "--worker-id", f"local-{role}-0",
                     "--node-id", f"local-{i % self.s.ray_nodes}",
                     "--ttl", str(self.s.lease_ttl_s),
                 ],
             )  # fmt: skip
+
+    def _ensure_model(self) -> str:
+        from workers.engines.cpu_model import default_model_dir, ensure_model, is_model_dir
+
+        path = Path(self.s.model_path) if self.s.model_path else default_model_dir()
+        if self.s.model_path and not (path / "config.json").is_file():
+            raise RuntimeError(f"no model at {path}")
+        if not self.s.model_path and not is_model_dir(path):
+            self._say(f"making the default cpu model in {path} (once, ~10 s)")
+        if not self.s.model_path:
+            ensure_model(path)
+        return str(path)
 
     @property
     def etcd_endpoint(self) -> str:
@@ -267,8 +293,9 @@ class LocalCluster:
             f"  etcd            127.0.0.1:{self.s.etcd_port}",
             f"  Ray             {self.ray_address}  ({self.s.ray_nodes} nodes, {total} GPUs)",
             f"  control plane   127.0.0.1:{self.s.grpc_port}  (gRPC: NodeRegistry, ControlPlane)",
-            f"  workers         1 prefill + 1 decode, sim engine, model {self.s.model}"
-            f" ({self.s.sim_profile})",
+            f"  workers         1 prefill + 1 decode, {self.s.worker_engine} engine, "
+            f"model {self.s.model}"
+            + (f" ({self.s.sim_profile})" if self.s.worker_engine == "sim" else ""),
             f"  logs            {self.logs}/",
             "",
             f"  try: switchboard nodes --endpoint 127.0.0.1:{self.s.grpc_port}",

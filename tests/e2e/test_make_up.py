@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,14 +14,30 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from switchboard.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 
+from controlplane.adapters.etcd.client import EtcdClient
+from controlplane.adapters.etcd.workers import EtcdWorkerRegistry
+from controlplane.core.model import WorkerRecord
 from controlplane.local.procs import free_port, pid_alive
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
+
+
+def list_workers(endpoint: str) -> dict[str, WorkerRecord]:
+    async def read() -> list[WorkerRecord]:
+        client = EtcdClient(endpoint)
+        try:
+            return await EtcdWorkerRegistry(client).list_workers()
+        finally:
+            await client.close()
+
+    return {w.worker_id: w for w in asyncio.run(read())}
 
 
 def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) -> None:
@@ -63,6 +80,41 @@ def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) 
                 "worker-prefill", "worker-decode"} <= set(pids)  # fmt: skip
         assert any(k.startswith("ray-") for k in pids)
         assert all(pid_alive(p) for p in pids.values())
+
+        # the two cpu workers serve a real request: prefill -> KV hand-off -> decode
+        def both_workers() -> dict[str, WorkerRecord]:
+            found = list_workers(f"127.0.0.1:{etcd_port}")
+            return found if len(found) == 2 else {}
+
+        workers = wait_until(both_workers, 120, what="both workers registered")
+        assert {w.engine for w in workers.values()} == {"cpu"}
+        by_role = {w.role: w for w in workers.values()}
+        prompt = list(range(10, 90))
+        params = inference_pb2.SamplingParams(max_tokens=8)
+        with (
+            grpc.insecure_channel(by_role["prefill"].endpoint) as pc,
+            grpc.insecure_channel(by_role["decode"].endpoint) as dc,
+        ):
+            res = worker_pb2_grpc.WorkerStub(pc).Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id="e2e", prompt_token_ids=prompt, sampling=params
+                ),
+                timeout=60,
+            )
+            chunks = list(
+                worker_pb2_grpc.WorkerStub(dc).Decode(
+                    worker_pb2.DecodeRequest(
+                        request_id="e2e",
+                        prompt_token_ids=prompt,
+                        kv=res.kv,
+                        first_token_id=res.first_token_id,
+                        sampling=params,
+                    ),
+                    timeout=60,
+                )
+            )
+        assert sum(len(c.token_ids) for c in chunks) == 7
+        assert chunks[-1].finish_reason == "length"
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0 or proc.returncode in (2, -signal.SIGINT)
