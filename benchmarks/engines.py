@@ -299,8 +299,9 @@ async def sim_fidelity(profile_name: str, speedup: float, lengths: list[int]) ->
     out: dict[str, Any] = {"speedup": speedup, "single": {}, "batch8_512": {}}
     max_tokens = 32
     try:
-        for n in lengths:
-            ttft, itl = await _sim_request(engine, f"s{n}", prompt_of(n, 1), max_tokens, speedup)
+        for i, n in enumerate(lengths):  # distinct prompts: no prefix-cache hits between them
+            prompt = prompt_of(n, 1 + i)
+            ttft, itl = await _sim_request(engine, f"s{n}", prompt, max_tokens, speedup)
             ctx = n + max_tokens // 2
             out["single"][str(n)] = _vs(ttft, profile.prefill_ms(n), itl,
                                         profile.decode_step_ms(1, ctx))  # fmt: skip
