@@ -12,7 +12,8 @@ since the step began (the scheduler's own CPU time counts against it), then hand
 the tokens that step produced (one ``TokenChunk`` per request per step). Steps that run back to
 back are timed from the previous step's end, not from when the loop got round to the next one
 (``CATCH_UP_S``), so the loop's own overhead does not stretch every step: measured inter-token
-latency is within 1% of the profile's. With nothing to do it waits for the next request. ``now`` is *simulated* time: ``(clock() - start) * speedup``.
+latency is within 1% of the profile's. With nothing to do it waits for the next request.
+``now`` is *simulated* time: ``(clock() - start) * speedup``.
 ``clock`` and ``sleep`` are injected, so a test can run it on a fake clock with instant sleeps.
 
 - ``generate``: prompt in, tokens out, in one engine (aggregated serving).
