@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -76,6 +77,8 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
         leader_ttl_s=args.leader_ttl,
         default_node_ttl_s=args.default_node_ttl,
         port_file=args.port_file or "",
+        ray_address=args.ray_address or "",
+        worker_lease_ttl_s=args.worker_ttl,
     )
     _run_until_signal(lambda stop: ControlPlane(settings).run(stop))
 
@@ -367,6 +370,15 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(json_format.MessageToJson(resp, indent=2, always_print_fields_with_no_presence=True))
 
 
+def _deployments_cmd(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from controlplane import cli_deployments
+
+        getattr(cli_deployments, f"cmd_{name}")(args, lambda fn: _client_call(args, fn))
+
+    return run
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -425,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lease TTL for RegisterNode callers that ask for none",
     )
     sp.add_argument("--port-file", help="write the bound gRPC port here once serving")
+    sp.add_argument(
+        "--ray-address",
+        default=os.environ.get("SWITCHBOARD_RAY_ADDRESS", ""),
+        help="Ray GCS host:port the leader places workers on (empty: no reconciler)",
+    )
+    sp.add_argument("--worker-ttl", type=int, default=10, help="lease TTL of placed workers")
     sp.set_defaults(func=cmd_controlplane)
 
     sp = sub.add_parser("node-agent", help="register this host's GPUs and keep them registered")
@@ -536,6 +554,40 @@ def build_parser() -> argparse.ArgumentParser:
         if verb != "uncordon":
             sp.add_argument("--reason", help="why (shown in `switchboard nodes -o json`)")
         sp.set_defaults(func=_scheduling_cmd(verb))
+
+    sp = sub.add_parser("apply", help="create or update deployments from a YAML file")
+    client_flags(sp)
+    sp.add_argument(
+        "-f", "--file", required=True, help="YAML file (one or more documents; - reads stdin)"
+    )
+    sp.add_argument("--dry-run", action="store_true", help="validate only")
+    sp.set_defaults(func=_deployments_cmd("apply"))
+
+    sp = sub.add_parser("get", help="list deployments: switchboard get deployments [NAME]")
+    client_flags(sp)
+    sp.add_argument("kind", choices=["deployments", "deployment", "deploy"])
+    sp.add_argument("name", nargs="?", default="")
+    sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    sp.set_defaults(func=_deployments_cmd("get"))
+
+    for verb, what in (
+        ("describe", "a deployment's spec, pools and conditions"),
+        ("explain", "why each replica is where it is, or why it is not placed"),
+        ("delete", "delete a deployment (its workers are drained)"),
+    ):
+        sp = sub.add_parser(verb, help=f"{verb} deployment NAME: {what}")
+        client_flags(sp)
+        sp.add_argument("kind", choices=["deployment", "deploy"])
+        sp.add_argument("name")
+        sp.set_defaults(func=_deployments_cmd(verb))
+
+    sp = sub.add_parser("scale", help="scale deployment NAME --role decode --replicas N")
+    client_flags(sp)
+    sp.add_argument("kind", choices=["deployment", "deploy"])
+    sp.add_argument("name")
+    sp.add_argument("--role", required=True, help="prefill, decode, aggregated or long_context")
+    sp.add_argument("--replicas", type=int, required=True)
+    sp.set_defaults(func=_deployments_cmd("scale"))
 
     sp = sub.add_parser("status", help="show a control-plane replica's status")
     client_flags(sp)

@@ -43,6 +43,11 @@ class ControlPlaneSettings:
     """Lease TTL for nodes registered through the RegisterNode RPC when they ask for none."""
     port_file: str = ""
     """If set, the bound port is written here once serving (for tests and `switchboard up`)."""
+    ray_address: str = ""
+    """Ray GCS address (host:port) the leader places workers on; empty: no reconciler runs
+    (deployments are stored and served, but nothing is started)."""
+    worker_lease_ttl_s: int = 10
+    """Lease TTL of the workers the reconciler starts."""
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,21 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from switchboard.v1 import control_plane_pb2, nodes_pb2
+from switchboard.v1 import control_plane_pb2, deployments_pb2, nodes_pb2
 
 from controlplane.adapters.etcd.client import EtcdClient
+from controlplane.adapters.etcd.deployments import EtcdDeploymentStore
 from controlplane.adapters.etcd.election import LeaderElector
 from controlplane.adapters.etcd.node_cache import NodeCache
 from controlplane.adapters.etcd.nodes import EtcdNodeRegistry
+from controlplane.adapters.etcd.workers import EtcdWorkerRegistry
+from controlplane.adapters.grpc.deployments import DeploymentsServicer
 from controlplane.adapters.grpc.node_registry import ControlPlaneServicer, NodeRegistryServicer
 from controlplane.adapters.grpc.server import GrpcServer
+from controlplane.adapters.ray.runtime import RayReplicaRuntime
 from controlplane.config import ControlPlaneSettings
+from controlplane.core.reconcile import PipelinePlacer
+from controlplane.reconciler import DeploymentReconciler, ReconcilerSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,20 @@ class ControlPlane:
         self.etcd = EtcdClient(settings.etcd.endpoint, timeout_s=settings.etcd.timeout_s)
         self.registry = EtcdNodeRegistry(self.etcd, settings.etcd.prefix)
         self.cache = NodeCache(self.registry)
+        self.deployments = EtcdDeploymentStore(self.etcd, settings.etcd.prefix)
+        self.reconciler: DeploymentReconciler | None = None
+        if settings.ray_address:
+            self.reconciler = DeploymentReconciler(
+                self.deployments,
+                EtcdWorkerRegistry(self.etcd, settings.etcd.prefix),
+                self.cache,
+                RayReplicaRuntime(settings.ray_address),
+                PipelinePlacer(),
+                settings.etcd,
+                ReconcilerSettings(worker_lease_ttl_s=settings.worker_lease_ttl_s),
+                clock=clock,
+            )
+            self._leader_tasks.append(self.reconciler.run)
         self.elector = LeaderElector(
             self.etcd,
             key=f"{settings.etcd.prefix.rstrip('/')}/leader/controlplane",
@@ -70,6 +90,14 @@ class ControlPlane:
             ),
             control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"],
         )
+        self.grpc.add_servicer(
+            DeploymentsServicer(self.deployments, on_change=self._deployments_changed, clock=clock),
+            deployments_pb2.DESCRIPTOR.services_by_name["Deployments"],
+        )
+
+    def _deployments_changed(self) -> None:
+        if self.reconciler is not None and self.elector.is_leader:
+            self.reconciler.poke()
 
     async def run(self, stop: asyncio.Event) -> None:
         port = await self.grpc.start()

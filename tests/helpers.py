@@ -104,7 +104,13 @@ class ControlPlaneProc:
 
 
 def start_controlplane(
-    tmp: Path, etcd_endpoint: str, replica_id: str, *, leader_ttl_s: int = 3, prefix: str = ""
+    tmp: Path,
+    etcd_endpoint: str,
+    replica_id: str,
+    *,
+    leader_ttl_s: int = 3,
+    prefix: str = "",
+    extra: list[str] | None = None,
 ) -> ControlPlaneProc:
     port_file = tmp / f"{replica_id}.port"
     port_file.unlink(missing_ok=True)
@@ -118,6 +124,7 @@ def start_controlplane(
     ]  # fmt: skip
     if prefix:
         argv += ["--prefix", prefix]
+    argv += extra or []
     proc = ManagedProcess(replica_id, argv, tmp / f"{replica_id}.log").start()
     return ControlPlaneProc(proc, port_file, replica_id).wait_serving()
 

@@ -7,12 +7,12 @@ Starts, in order, and stops in reverse on Ctrl-C (SIGINT) or SIGTERM, each by PI
    declaring ``--gpus-per-node`` GPUs and labelled ``switchboard.io/node-id=local-<i>``;
 3. one node agent per Ray node (declared inventory, bound to that Ray node's id);
 4. the control plane (gRPC on 127.0.0.1:<grpc-port>);
-5. one prefill and one decode worker, registered in etcd under ``/switchboard/v1/workers/``:
-   by default the ``cpu`` engine serving a small random-weight Llama (``switchboard
-   make-model``, made once into ``~/.cache/switchboard/models/tiny-llama`` and reused), with a
-   real prefill -> KV hand-off -> decode; ``--worker-engine sim`` runs the calibrated simulated
-   engine instead. They run as plain processes for now; placing them on Ray is the placement
-   work's job.
+5. the deployment ``local`` (one prefill and one decode replica), applied through the
+   Deployments API: the control plane's leader places its workers on the Ray cluster as actors,
+   and they register in etcd under ``/switchboard/v1/workers/``. By default the ``cpu`` engine
+   serves a small random-weight Llama (``switchboard make-model``, made once into
+   ``~/.cache/switchboard/models/tiny-llama`` and reused), with a real prefill -> KV hand-off
+   -> decode; ``--worker-engine sim`` uses the calibrated simulated engine instead.
 
 Later parts of the system (gateway, router) are added to ``LocalCluster.start`` the same way.
 Logs go to ``<state-dir>/logs/``; the PIDs of everything started are in ``<state-dir>/up.pids``
@@ -166,31 +166,46 @@ class LocalCluster:
                 "--etcd", self.etcd_endpoint,
                 "--listen", f"127.0.0.1:{self.s.grpc_port}",
                 "--replica-id", "local-controlplane",
+                "--ray-address", self.ray_address,
+                "--worker-ttl", str(self.s.lease_ttl_s),
             ],
         )  # fmt: skip
         self._wait_for_nodes()
-        engine_flags = ["--engine", self.s.worker_engine]
+        self._apply_default_deployment()
+
+    def default_deployment(self) -> dict[str, Any]:
+        """The deployment `up` applies: one prefill and one decode replica of the local model."""
         if self.s.worker_engine == "cpu":
-            engine_flags += [
-                "--model-path", self._ensure_model(),
-                "--engine-args", json.dumps({"threads": 1}),
-            ]  # fmt: skip
+            engine: dict[str, Any] = {
+                "engine": "cpu",
+                "model_path": self._ensure_model(),
+                "engine_args": {"threads": "1"},
+            }
         else:
-            engine_flags += ["--profile", self.s.sim_profile]
-        for i, role in enumerate(("prefill", "decode")):
-            self._spawn(
-                f"worker-{role}",
-                [
-                    "worker",
-                    "--etcd", self.etcd_endpoint,
-                    *engine_flags,
-                    "--model", self.s.model,
-                    "--role", role,
-                    "--worker-id", f"local-{role}-0",
-                    "--node-id", f"local-{i % self.s.ray_nodes}",
-                    "--ttl", str(self.s.lease_ttl_s),
-                ],
-            )  # fmt: skip
+            engine = {"engine": "sim", "engine_args": {"profile": self.s.sim_profile}}
+        return {
+            "name": "local",
+            "model": self.s.model,
+            **engine,
+            "pools": [
+                {"role": "prefill", "replicas": 1, "min_replicas": 0, "max_replicas": 4},
+                {"role": "decode", "replicas": 1, "min_replicas": 0, "max_replicas": 4},
+            ],
+        }
+
+    def _apply_default_deployment(self) -> None:
+        import grpc
+        from switchboard.v1 import deployments_pb2, deployments_pb2_grpc
+
+        from controlplane.adapters.grpc.deployments import spec_to_pb
+        from controlplane.deployspec import spec_from_dict
+
+        spec = spec_from_dict(self.default_deployment())
+        self._say(f"applying deployment/{spec.name} ({spec.engine.value}: 1 prefill + 1 decode)")
+        with grpc.insecure_channel(f"127.0.0.1:{self.s.grpc_port}") as channel:
+            deployments_pb2_grpc.DeploymentsStub(channel).Apply(
+                deployments_pb2.ApplyDeploymentRequest(spec=spec_to_pb(spec)), timeout=30
+            )
 
     def _ensure_model(self) -> str:
         from workers.engines.cpu_model import default_model_dir, ensure_model, is_model_dir
@@ -293,12 +308,14 @@ class LocalCluster:
             f"  etcd            127.0.0.1:{self.s.etcd_port}",
             f"  Ray             {self.ray_address}  ({self.s.ray_nodes} nodes, {total} GPUs)",
             f"  control plane   127.0.0.1:{self.s.grpc_port}  (gRPC: NodeRegistry, ControlPlane)",
-            f"  workers         1 prefill + 1 decode, {self.s.worker_engine} engine, "
+            f"  deployment      local: 1 prefill + 1 decode, {self.s.worker_engine} engine, "
             f"model {self.s.model}"
-            + (f" ({self.s.sim_profile})" if self.s.worker_engine == "sim" else ""),
+            + (f" ({self.s.sim_profile})" if self.s.worker_engine == "sim" else "")
+            + ", as Ray actors",
             f"  logs            {self.logs}/",
             "",
             f"  try: switchboard nodes --endpoint 127.0.0.1:{self.s.grpc_port}",
+            f"       switchboard describe deployment local --endpoint 127.0.0.1:{self.s.grpc_port}",
             "  Ctrl-C stops everything.",
             "",
         ]

@@ -208,6 +208,32 @@ class EtcdClient:
         return False, _kv(ranges[0][1])
 
     @_translated
+    async def put_if_revision(self, key: bytes, value: bytes, mod_revision: int) -> int:
+        """Write ``key`` only if its mod revision is ``mod_revision`` (0: only if absent).
+
+        Returns the new revision, or 0 when the compare failed (someone else wrote it first).
+        """
+        tx = self._client.transactions
+        compare = tx.create(key) == 0 if mod_revision == 0 else tx.mod(key) == mod_revision
+        ok, responses = await self._client.transaction(
+            compare=[compare], success=[aetcd.transactions.Put(key, value)], failure=[]
+        )
+        if not ok:
+            return 0
+        return int(responses[0].response_put.header.revision)  # the key's new mod revision
+
+    @_translated
+    async def delete_if_revision(self, key: bytes, mod_revision: int) -> bool:
+        """Delete ``key`` only if its mod revision is ``mod_revision``; False if it was not."""
+        tx = self._client.transactions
+        ok, _ = await self._client.transaction(
+            compare=[tx.mod(key) == mod_revision],
+            success=[aetcd.transactions.Delete(key)],
+            failure=[],
+        )
+        return bool(ok)
+
+    @_translated
     async def grant_lease(self, ttl_s: int) -> int:
         return int((await self._client.lease(ttl_s)).id)
 

@@ -125,6 +125,26 @@ class Pool(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AffinityEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROLE_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     MIN_REPLICAS_FIELD_NUMBER: _builtins.int
@@ -132,16 +152,24 @@ class Pool(_message.Message):
     SLA_CLASSES_FIELD_NUMBER: _builtins.int
     NODE_SELECTOR_FIELD_NUMBER: _builtins.int
     CONTEXT_THRESHOLD_TOKENS_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_EXPRESSION_FIELD_NUMBER: _builtins.int
+    AFFINITY_FIELD_NUMBER: _builtins.int
     role: Global___PoolRole.ValueType
     replicas: _builtins.int
     min_replicas: _builtins.int
     max_replicas: _builtins.int
     context_threshold_tokens: _builtins.int
     """For POOL_ROLE_LONG_CONTEXT: prompts of at least this many tokens go here."""
+    node_selector_expression: _builtins.str
+    """Label selector expression ("gpu=h100,zone!=b,!spot"); ANDed with node_selector."""
     @_builtins.property
     def sla_classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def affinity(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Soft preferences: nodes with these labels score higher."""
+
     def __init__(
         self,
         *,
@@ -152,10 +180,12 @@ class Pool(_message.Message):
         sla_classes: _abc.Iterable[_builtins.str] | None = ...,
         node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context_threshold_tokens: _builtins.int = ...,
+        node_selector_expression: _builtins.str = ...,
+        affinity: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_threshold_tokens", b"context_threshold_tokens", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "node_selector", b"node_selector", "replicas", b"replicas", "role", b"role", "sla_classes", b"sla_classes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "context_threshold_tokens", b"context_threshold_tokens", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "node_selector", b"node_selector", "node_selector_expression", b"node_selector_expression", "replicas", b"replicas", "role", b"role", "sla_classes", b"sla_classes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -275,10 +305,15 @@ class PoolStatus(_message.Message):
     DESIRED_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
+    UNSCHEDULABLE_FIELD_NUMBER: _builtins.int
     role: Global___PoolRole.ValueType
     desired: _builtins.int
     ready: _builtins.int
     updated: _builtins.int
+    @_builtins.property
+    def unschedulable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why the last placement attempt failed, per node ("node-3: 2 free GPUs < tp 4")."""
+
     def __init__(
         self,
         *,
@@ -286,10 +321,11 @@ class PoolStatus(_message.Message):
         desired: _builtins.int = ...,
         ready: _builtins.int = ...,
         updated: _builtins.int = ...,
+        unschedulable: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired", b"desired", "ready", b"ready", "role", b"role", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired", b"desired", "ready", b"ready", "role", b"role", "unschedulable", b"unschedulable", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

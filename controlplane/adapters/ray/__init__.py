@@ -1,0 +1,1 @@
+"""The Ray adapter: replicas as detached, named placement groups and actors."""
