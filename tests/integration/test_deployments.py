@@ -324,6 +324,58 @@ def test_leader_killed_mid_rollout_converges_without_duplicates(stack: Stack) ->
     wait_until(lambda: not workers_of(stack.etcd.endpoint, "roll-model"), 60, what="roll gone")
 
 
+def test_cli_apply_get_describe_explain_scale_delete(stack: Stack) -> None:
+    import subprocess
+    import sys
+
+    def sb(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "controlplane", *args, "--endpoint", stack.controlplane.address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    spec_file = stack.tmp / "cli.yaml"
+    spec_file.write_text(
+        "name: cli\n"
+        "model: cli-model\n"
+        "engine: sim\n"
+        "engine_args: {profile: tiny-test, speedup: 10}\n"
+        "pools:\n"
+        "  - {role: aggregated, replicas: 1, min_replicas: 0, max_replicas: 3}\n"
+    )
+    assert "deployment/cli applied (generation 1)" in sb("apply", "-f", str(spec_file))
+    stub = stack.stub()
+    wait_until(lambda: ready(stub, "cli", 1), 90, interval_s=0.5, what="cli ready")
+    table = sb("get", "deployments")
+    assert "cli-model" in table
+    assert "aggregated 1/1" in table
+    described = sb("describe", "deployment", "cli")
+    assert "Available" in described
+    assert "MinimumReplicasAvailable" in described
+    explained = sb("explain", "deployment", "cli")
+    assert "aggregated/0: on node-" in explained
+    assert "scaled to 2" in sb(
+        "scale", "deployment", "cli", "--role", "aggregated", "--replicas", "2"
+    )
+    wait_until(lambda: ready(stub, "cli", 2), 90, interval_s=0.5, what="cli scaled")
+
+    # a typo in the file is named; nothing is written
+    spec_file.write_text(spec_file.read_text().replace("replicas: 1,", "replcas: 1,"))
+    bad = subprocess.run(
+        [sys.executable, "-m", "controlplane", "apply", "-f", str(spec_file),
+         "--endpoint", stack.controlplane.address],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert "replcas" in bad.stderr
+    assert "deployment/cli deleted" in sb("delete", "deployment", "cli")
+    wait_until(lambda: not workers_of(stack.etcd.endpoint, "cli-model"), 60, what="cli gone")
+
+
 def test_lost_node_degrades_then_replicas_are_replaced(stack: Stack) -> None:
     stub = stack.stub()
     stub.Apply(deployments_pb2.ApplyDeploymentRequest(spec=aggregated("lost", 2)), timeout=10)
