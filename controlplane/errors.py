@@ -31,6 +31,14 @@ class FailedPrecondition(SwitchboardError):
     """The system is not in a state where the operation is allowed."""
 
 
+class Unauthenticated(SwitchboardError):
+    """The caller's credentials (e.g. an API key) are missing or invalid."""
+
+
+class PermissionDenied(SwitchboardError):
+    """The caller is known but not allowed to do this (a model or SLA class not granted)."""
+
+
 class Unavailable(SwitchboardError):
     """A dependency (etcd, a worker) cannot be reached right now; retrying may succeed."""
 

@@ -21,7 +21,9 @@ from controlplane.errors import (
     InvalidArgument,
     NotFound,
     NotLeader,
+    PermissionDenied,
     SwitchboardError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -34,6 +36,8 @@ STATUS_TABLE: tuple[tuple[type[SwitchboardError], grpc.StatusCode], ...] = (
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (Conflict, grpc.StatusCode.ABORTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotLeader, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
