@@ -272,6 +272,36 @@ def cmd_serve_openai(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+def cmd_gateway(args: argparse.Namespace) -> None:
+    import uvloop
+
+    from controlplane.gateway.main import GatewaySettings, run_gateway
+
+    settings = GatewaySettings(
+        etcd=_etcd_settings(args),
+        listen=args.listen,
+        grpc_listen=args.grpc_listen,
+        port_file=args.port_file or "",
+        max_migrations=args.max_migrations,
+        drain_timeout_s=args.drain_timeout,
+        auth=args.auth,
+        slots_per_worker=args.slots_per_worker,
+    )
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_gateway(settings, stop)
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            r.run(runner())
+    except (SwitchboardError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from controlplane.local.up import LocalCluster, UpSettings
 
@@ -288,6 +318,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         model=args.model or ("tiny-llama" if args.worker_engine == "cpu" else "llama-3.1-8b"),
         model_path=args.model_path,
         sim_profile=args.profile,
+        gateway_port=args.gateway_port,
     )
     sys.exit(LocalCluster(settings).run_foreground())
 
@@ -533,6 +564,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
     sp.set_defaults(func=cmd_serve_openai)
 
+    sp = sub.add_parser("gateway", help="serve tenants: OpenAI HTTP API + gRPC Inference")
+    etcd_flags(sp)
+    sp.add_argument("--listen", default="127.0.0.1:8000", help="HTTP host:port (port 0: any)")
+    sp.add_argument(
+        "--grpc-listen", default="127.0.0.1:0", help='gRPC Inference host:port ("": none)'
+    )
+    sp.add_argument("--max-migrations", type=int, default=2, help="worker moves per request")
+    sp.add_argument(
+        "--auth",
+        choices=["tenants", "none"],
+        default="tenants",
+        help="tenants: API keys and quotas (switchboard tenants); none: admit everyone (dev only)",
+    )
+    sp.add_argument(
+        "--slots-per-worker",
+        type=int,
+        default=32,
+        help="requests a decoding worker takes at once before admission queues the rest",
+    )
+    sp.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait for open requests"
+    )
+    sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    sp.set_defaults(func=cmd_gateway)
+
     sp = sub.add_parser("gpus", help="print the GPU inventory the node agent would register")
     inventory_flags(sp)
     sp.set_defaults(func=cmd_gpus)
@@ -593,10 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(sp)
     sp.set_defaults(func=cmd_status)
 
+    from controlplane import cli_tenants
+
+    cli_tenants.add_parser(sub, etcd_flags)
+
     sp = sub.add_parser("up", help="run Switchboard locally: etcd, Ray, node agents, control plane")
     sp.add_argument("--state-dir", default=".switchboard", help="data, logs and pid files")
     sp.add_argument("--etcd-port", type=int, default=2379)
     sp.add_argument("--grpc-port", type=int, default=50051, help="control plane gRPC port")
+    sp.add_argument("--gateway-port", type=int, default=8000, help="gateway HTTP (OpenAI API) port")
     sp.add_argument("--ray-nodes", type=int, default=2)
     sp.add_argument("--gpus-per-node", type=int, default=4)
     sp.add_argument("--gpu-model", default="NVIDIA H100 80GB HBM3")

@@ -63,33 +63,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    MutableMapping,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from controlplane.errors import (
-    AlreadyExists,
-    Conflict,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    SwitchboardError,
-    Unavailable,
-)
 from workers.engine import (
     InferenceEngine,
     KvHandle,
@@ -98,163 +80,32 @@ from workers.engine import (
     SamplingParams,
     TokenChunk,
 )
-from workers.tokenizer import IncrementalDecoder, Message, Tokenizer
+from workers.openai_protocol import (
+    JSON_HEADERS,
+    ApiError,
+    ClientGone,
+    Exchange,
+    KvTransferParams,
+    Receive,
+    ResponseSpec,
+    Scope,
+    Send,
+    api_error,
+    lifespan,
+    model_not_found,
+    parse_generation,
+    prepare,
+    read_body,
+    request_id_header,
+    send_body,
+    send_error,
+    send_json_response,
+    send_stream_response,
+    watch_disconnect,
+)
+from workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-AsgiMessage = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[AsgiMessage]]
-Send = Callable[[AsgiMessage], Awaitable[None]]
-
-MAX_REQUEST_ID_CHARS = 256
-
-# --- errors --------------------------------------------------------------------------------------
-
-# The one table from Switchboard errors to HTTP status and OpenAI error type. Order matters: the
-# first matching class wins (subclasses before their bases; KvUnavailable is a NotFound).
-ERROR_TABLE: tuple[tuple[type[SwitchboardError], int, str], ...] = (
-    (InvalidArgument, 400, "invalid_request_error"),
-    (NotFound, 404, "not_found_error"),
-    (AlreadyExists, 409, "conflict_error"),
-    (Conflict, 409, "conflict_error"),
-    (FailedPrecondition, 400, "invalid_request_error"),
-    (Unavailable, 503, "service_unavailable_error"),
-)
-
-
-class ApiError(Exception):
-    """An error answered to the client: HTTP status and the OpenAI error object."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        )
-
-
-def api_error(exc: BaseException) -> ApiError:
-    """``exc`` as what the client is told (unexpected errors are logged, with the traceback)."""
-    if isinstance(exc, ApiError):
-        return exc
-    for cls, status, kind in ERROR_TABLE:
-        if isinstance(exc, cls):
-            return ApiError(status, str(exc), type=kind)
-    log.error("request failed", exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}", type="internal_error")
-
-
-# --- request bodies (pydantic at the edge, strict: no silent coercion) ---------------------------
-
-_STRICT = ConfigDict(extra="ignore", strict=True)
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
-class StreamOptions(BaseModel):
-    model_config = _STRICT
-    include_usage: bool = False
-
-
-class KvTransferParams(BaseModel):
-    """vLLM's ``kv_transfer_params`` (NIXL connector keys) plus ``switchboard_kv``."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    do_remote_decode: bool = False
-    do_remote_prefill: bool = False
-    remote_engine_id: str | None = None
-    remote_request_id: str | None = None
-    remote_host: str | None = None
-    remote_port: int | None = None
-    switchboard_kv: dict[str, Any] | None = None
-
-
-class _SamplingFields(BaseModel):
-    model_config = _STRICT
-    model: str | None = None
-    max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    min_tokens: int | None = None  # accepted and not enforced: the sim emits no EOS by itself
-    kv_transfer_params: KvTransferParams | None = None
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-
-
-class TextPart(BaseModel):
-    model_config = _STRICT
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = _STRICT
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: PositiveInt | None = None
-    logprobs: bool = False
-
-
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
-_Model = TypeVar("_Model", bound=BaseModel)
-
-
-def _parse(model: type[_Model], body: bytes) -> _Model:
-    if not body:
-        raise ApiError(400, "the request body is empty; send a JSON object")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        if err["type"] == "json_invalid":
-            raise ApiError(
-                400, f"the body is not valid JSON: {err['msg'].removeprefix('Invalid JSON: ')}"
-            ) from None
-        parts = [
-            str(p)
-            for p in err["loc"]
-            if isinstance(p, int) or (p not in _TYPE_TAGS and "[" not in p and "-" not in p)
-        ]
-        param = ".".join(parts) or None
-        message = f"{param}: {err['msg']}" if param else err["msg"]
-        raise ApiError(400, message, param=param) from None
-
 
 # --- the app -------------------------------------------------------------------------------------
 
@@ -275,14 +126,6 @@ class _Counters:
 
 
 @dataclass(slots=True)
-class _Exchange:
-    """One HTTP request/response cycle, as the disconnect watcher sees it."""
-
-    responded: bool = False
-    disconnected: bool = False
-
-
-@dataclass(slots=True)
 class _Job:
     """A parsed generation request, ready for the engine."""
 
@@ -297,14 +140,6 @@ class _Job:
     kv: KvTransferParams | None
     kv_out: KvTransferParams | None = None
     """The prefill half's answer: where the decode half finds the KV."""
-
-
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-]
-_DONE = b"data: [DONE]\n\n"
 
 
 class OpenAIApp:
@@ -374,14 +209,14 @@ class OpenAIApp:
                     f"{scope['method']} is not allowed on {scope['path']}; use {allowed}",
                     code="method_not_allowed",
                 )
-                await _send_error(send, err, [(b"allow", allowed.encode())])
+                await send_error(send, err, [(b"allow", allowed.encode())])
             else:
                 err = ApiError(
                     404, f"no route {scope['path']}", type="not_found_error", code="not_found"
                 )
-                await _send_error(send, err)
+                await send_error(send, err)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
 
     # -- small routes -----------------------------------------------------------------------------
 
@@ -399,17 +234,17 @@ class OpenAIApp:
                 }
             ],
         }
-        await _send_body(send, 200, orjson.dumps(body), _JSON_HEADERS)
+        await send_body(send, 200, orjson.dumps(body), JSON_HEADERS)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.draining:
-            await _send_body(send, 503, b'{"status":"draining"}', _JSON_HEADERS)
+            await send_body(send, 503, b'{"status":"draining"}', JSON_HEADERS)
         else:
-            await _send_body(send, 200, b'{"status":"ok"}', _JSON_HEADERS)
+            await send_body(send, 200, b'{"status":"ok"}', JSON_HEADERS)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = generate_latest(self.registry)
-        await _send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+        await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
 
     # -- generation routes ------------------------------------------------------------------------
 
@@ -421,19 +256,19 @@ class OpenAIApp:
 
     async def _generation(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
         route = scope["path"]
-        exchange = _Exchange()
+        exchange = Exchange()
         try:
-            body = await self._read_body(receive)
+            body = await read_body(receive, self.max_body_bytes)
         except ApiError as e:
             self.counters.count(route, e.status)
-            await _send_error(send, e)
+            await send_error(send, e)
             return
-        except _ClientGone:
+        except ClientGone:
             self.counters.disconnects += 1
             return
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(_watch(receive, exchange, task))
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
         try:
             status = await self._serve(scope, body, send, exchange, chat=chat)
             self.counters.count(route, status)
@@ -446,7 +281,7 @@ class OpenAIApp:
             watcher.cancel()
 
     async def _serve(
-        self, scope: Scope, body: bytes, send: Send, exchange: _Exchange, *, chat: bool
+        self, scope: Scope, body: bytes, send: Send, exchange: Exchange, *, chat: bool
     ) -> int:
         """Answer one generation request; the HTTP status sent."""
         try:
@@ -459,7 +294,7 @@ class OpenAIApp:
         except Exception as e:
             err = api_error(e)
             exchange.responded = True
-            await _send_error(send, err)
+            await send_error(send, err)
             return err.status
         self.counters.prompt_tokens += len(job.prompt)
         try:
@@ -472,7 +307,7 @@ class OpenAIApp:
                 raise
             err = api_error(e)  # the JSON answer: nothing was sent yet
             exchange.responded = True
-            await _send_error(send, err)
+            await send_error(send, err)
             return err.status
         finally:
             await stream.aclose()
@@ -481,37 +316,10 @@ class OpenAIApp:
     def _job(self, scope: Scope, body: bytes, *, chat: bool) -> _Job:
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="service_unavailable_error")
-        req: CompletionRequest | ChatCompletionRequest = (
-            _parse(ChatCompletionRequest, body) if chat else _parse(CompletionRequest, body)
-        )
+        req = parse_generation(body, chat=chat)
         if req.model is not None and req.model != self.model:
-            raise ApiError(
-                404,
-                f"the model {req.model!r} does not exist here; this server serves {self.model!r}",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
-        if req.n is not None and req.n != 1:
-            raise ApiError(400, f"n: only n=1 is supported, got {req.n}", param="n")
-        if isinstance(req, ChatCompletionRequest):
-            if req.logprobs:
-                raise ApiError(400, "logprobs: not supported", param="logprobs")
-            prompt = self._chat_prompt(req.messages)
-            max_tokens = req.max_completion_tokens or req.max_tokens
-            if max_tokens is None:  # as vLLM: the rest of the context window
-                max_tokens = max(1, self.engine.max_context_tokens - len(prompt))
-        else:
-            if req.echo:
-                raise ApiError(400, "echo: not supported", param="echo")
-            if req.logprobs is not None:
-                raise ApiError(400, "logprobs: not supported", param="logprobs")
-            prompt = self._completion_prompt(req.prompt)
-            max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        stop_ids = tuple(req.stop_token_ids or ())
-        if not req.ignore_eos:
-            stop_ids += self.tokenizer.eos_token_ids
-        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+            raise model_not_found(req.model, f"this server serves {self.model!r}")
+        prepared = prepare(req, self.tokenizer, max_context_tokens=self.engine.max_context_tokens)
         kv = req.kv_transfer_params
         if kv is not None and not (kv.do_remote_decode or kv.do_remote_prefill):
             kv = None
@@ -526,62 +334,18 @@ class OpenAIApp:
             route=scope["path"],
             chat=chat,
             request_id=self._request_id(scope, kv),
-            prompt=prompt,
-            sampling=SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                seed=req.seed,
-                stop_token_ids=stop_ids,
-            ),
-            stream=req.stream,
-            include_usage=req.stream_options is not None and req.stream_options.include_usage,
-            stops=tuple(s for s in stops if s),
+            prompt=prepared.prompt,
+            sampling=prepared.sampling,
+            stream=prepared.stream,
+            include_usage=prepared.include_usage,
+            stops=prepared.stops,
             kv=kv,
         )
 
-    def _completion_prompt(
-        self, prompt: str | list[int] | list[str] | list[list[int]]
-    ) -> tuple[int, ...]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not prompt:
-            raise ApiError(400, "prompt: must not be empty", param="prompt")
-        first = prompt[0]
-        if isinstance(first, int):
-            return tuple(prompt)  # type: ignore[arg-type]  # list[int] by the union's validation
-        if len(prompt) > 1:
-            raise ApiError(
-                400,
-                f"prompt: batches are not supported (got {len(prompt)} prompts); send one prompt "
-                "per request",
-                param="prompt",
-            )
-        if isinstance(first, str):
-            return self.tokenizer.encode(first)
-        return tuple(first)
-
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
-        plain: list[Message] = []
-        for m in messages:
-            if m.content is None or isinstance(m.content, str):
-                content = m.content or ""
-            else:
-                content = "\n".join(part.text for part in m.content)
-            plain.append({"role": m.role, "content": content})
-        text = self.tokenizer.apply_chat_template(plain)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     def _request_id(self, scope: Scope, kv: KvTransferParams | None) -> str:
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                if not value or len(value) > MAX_REQUEST_ID_CHARS:
-                    raise ApiError(
-                        400,
-                        f"X-Request-Id must be 1 to {MAX_REQUEST_ID_CHARS} characters",
-                        param="X-Request-Id",
-                    )
-                return bytes(value).decode("latin-1")
+        rid = request_id_header(scope)
+        if rid is not None:
+            return rid
         if kv is not None and kv.do_remote_prefill and kv.remote_request_id:
             return kv.remote_request_id
         return uuid.uuid4().hex
@@ -750,45 +514,21 @@ class OpenAIApp:
 
     # -- responses --------------------------------------------------------------------------------
 
-    async def _text_deltas(
-        self, job: _Job, first: TokenChunk, stream: AsyncIterator[TokenChunk], counts: list[int]
-    ) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, finish reason) per engine chunk, with stop strings applied.
+    def _spec(self, job: _Job) -> ResponseSpec:
+        return ResponseSpec(
+            chat=job.chat,
+            request_id=job.request_id,
+            model=self.model,
+            created=int(self.clock()),
+            prompt_tokens=len(job.prompt),
+            stops=job.stops,
+            include_usage=job.include_usage,
+        )
 
-        ``counts[0]`` is kept at the number of tokens generated so far.
-        """
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = job.stops
-        hold = max((len(s) for s in stops), default=1) - 1
-        held = ""
-        chunk: TokenChunk | None = first
-        while chunk is not None:
-            counts[0] += len(chunk.token_ids)
+    async def _counted(self, stream: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+        async for chunk in stream:
             self.counters.generation_tokens += len(chunk.token_ids)
-            finish = chunk.finish_reason
-            text = held + decoder.push(chunk.token_ids)
-            if finish is not None:
-                text += decoder.flush()
-            held = ""
-            if stops:
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                elif finish is None and hold:
-                    held = text[-hold:]
-                    text = text[: len(text) - len(held)]
-            yield text, finish
-            if finish is not None:
-                return
-            chunk = await anext(stream, None)
-        yield held, "abort"  # the engine's stream ended without a finish reason
-
-    def _usage(self, job: _Job, completion_tokens: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": len(job.prompt),
-            "completion_tokens": completion_tokens,
-            "total_tokens": len(job.prompt) + completion_tokens,
-        }
+            yield chunk
 
     async def _json_response(
         self,
@@ -796,48 +536,16 @@ class OpenAIApp:
         first: TokenChunk,
         stream: AsyncIterator[TokenChunk],
         send: Send,
-        exchange: _Exchange,
+        exchange: Exchange,
     ) -> None:
-        counts = [0]
-        finish: str | None = None
-        if job.stops:
-            parts: list[str] = []
-            async for delta, reason in self._text_deltas(job, first, stream, counts):
-                parts.append(delta)
-                finish = reason
-            text = "".join(parts)
-        else:  # no text to watch while generating: decode once at the end
-            ids: list[int] = []
-            chunk: TokenChunk | None = first
-            while chunk is not None:
-                ids.extend(chunk.token_ids)
-                finish = chunk.finish_reason
-                if finish is not None:
-                    break
-                chunk = await anext(stream, None)
-            counts[0] = len(ids)
-            self.counters.generation_tokens += len(ids)
-            text = self.tokenizer.decode(ids)
-            finish = finish or "abort"
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-        if job.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            kind, prefix = "chat.completion", "chatcmpl-"
-        else:
-            choice["text"] = text
-            kind, prefix = "text_completion", "cmpl-"
-        body: dict[str, Any] = {
-            "id": prefix + job.request_id,
-            "object": kind,
-            "created": int(self.clock()),
-            "model": self.model,
-            "choices": [choice],
-            "usage": self._usage(job, counts[0]),
-        }
+        self.counters.generation_tokens += len(first.token_ids)
+        extra = None
         if job.kv_out is not None:  # the prefill half's answer
-            body["kv_transfer_params"] = job.kv_out.model_dump()
-        exchange.responded = True
-        await _send_body(send, 200, orjson.dumps(body), _JSON_HEADERS)
+            extra = {"kv_transfer_params": job.kv_out.model_dump()}
+        await send_json_response(
+            self._spec(job), self.tokenizer, first, self._counted(stream), send, exchange,
+            extra=extra,
+        )  # fmt: skip
 
     async def _stream_response(
         self,
@@ -845,125 +553,12 @@ class OpenAIApp:
         first: TokenChunk,
         stream: AsyncIterator[TokenChunk],
         send: Send,
-        exchange: _Exchange,
+        exchange: Exchange,
     ) -> None:
-        created = int(self.clock())
-        if job.chat:
-            base: dict[str, Any] = {
-                "id": "chatcmpl-" + job.request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model,
-            }
-        else:
-            base = {
-                "id": "cmpl-" + job.request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model,
-            }
-        if job.include_usage:
-            base["usage"] = None
-        dumps = orjson.dumps
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        counts = [0]
-        lead = b""
-        if job.chat:  # the first chunk names the role, as OpenAI's do
-            delta = {"role": "assistant", "content": ""}
-            lead = b"data: " + dumps({**base, "choices": [_chat_choice(delta, None)]}) + b"\n\n"
-        try:
-            async for text, finish in self._text_deltas(job, first, stream, counts):
-                if not text and finish is None:
-                    continue
-                if job.chat:
-                    choice = _chat_choice({"content": text} if text else {}, finish)
-                else:
-                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-                event = b"data: " + dumps({**base, "choices": [choice]}) + b"\n\n"
-                if lead:
-                    event, lead = lead + event, b""
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-        except Exception as e:  # headers are gone: report in the stream, then end it
-            err = api_error(e)
-            tail = b"data: " + err.body() + b"\n\n" + _DONE
-        else:
-            tail = b""
-            if job.include_usage:
-                usage = {**base, "choices": [], "usage": self._usage(job, counts[0])}
-                tail = b"data: " + dumps(usage) + b"\n\n"
-            tail += _DONE
-        exchange.responded = True
-        await send({"type": "http.response.body", "body": lead + tail, "more_body": False})
-
-    # -- plumbing ---------------------------------------------------------------------------------
-
-    async def _read_body(self, receive: Receive) -> bytes:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            if len(body) > self.max_body_bytes:
-                raise self._too_large()
-            return body
-        parts = [body]
-        size = len(body)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            part: bytes = message.get("body", b"")
-            size += len(part)
-            if size > self.max_body_bytes:
-                raise self._too_large()
-            parts.append(part)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes")
-
-
-def _chat_choice(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
-
-
-async def _watch(receive: Receive, exchange: _Exchange, handler: asyncio.Task[Any]) -> None:
-    """Cancel ``handler`` if the client disconnects before its response is complete."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not exchange.responded:
-                exchange.disconnected = True
-                handler.cancel()
-            return
-
-
-async def _send_body(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _send_error(
-    send: Send, err: ApiError, extra_headers: Iterable[tuple[bytes, bytes]] = ()
-) -> None:
-    await _send_body(send, err.status, err.body(), [*_JSON_HEADERS, *extra_headers])
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+        self.counters.generation_tokens += len(first.token_ids)
+        await send_stream_response(
+            self._spec(job), self.tokenizer, first, self._counted(stream), send, exchange
+        )
 
 
 # --- metrics -------------------------------------------------------------------------------------

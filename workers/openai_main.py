@@ -84,7 +84,7 @@ def build_tokenizer(settings: OpenAIServerSettings, engine: InferenceEngine) -> 
     )
 
 
-class _Uvicorn(uvicorn.Server):
+class UvicornServer(uvicorn.Server):
     """uvicorn without its own signal handling: the caller's ``stop`` event decides."""
 
     @contextlib.contextmanager
@@ -92,7 +92,7 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -139,7 +139,7 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
     )
     service = WorkerService(engine, worker_id=settings.worker_id, role=settings.role)
     grpc_server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
-    sock = _listen(settings.host, settings.port)
+    sock = listen_socket(settings.host, settings.port)
     http_port = int(sock.getsockname()[1])
     config = uvicorn.Config(
         app,
@@ -149,7 +149,7 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
         log_level="warning",
         timeout_graceful_shutdown=int(max(1, settings.drain_timeout_s)),
     )
-    server = _Uvicorn(config)
+    server = UvicornServer(config)
     tasks: list[asyncio.Task[None]] = []
     try:
         await grpc_server.start(bind=False)

@@ -13,8 +13,14 @@ Starts, in order, and stops in reverse on Ctrl-C (SIGINT) or SIGTERM, each by PI
    serves a small random-weight Llama (``switchboard make-model``, made once into
    ``~/.cache/switchboard/models/tiny-llama`` and reused), with a real prefill -> KV hand-off
    -> decode; ``--worker-engine sim`` uses the calibrated simulated engine instead.
+6. the tenant ``demo`` (all models, all SLA classes, generous quotas), its API key written to
+   ``<state-dir>/demo-api-key`` (mode 0600) and printed; a later ``up`` reuses both (a missing
+   or stale key file gets a rotated key). See ``controlplane/local/demo_tenant.py``.
 
-Later parts of the system (gateway, router) are added to ``LocalCluster.start`` the same way.
+7. the tenant gateway (``switchboard gateway``): the OpenAI API on
+   ``http://127.0.0.1:<gateway-port>/v1`` and the gRPC Inference service on a free port.
+
+Later parts of the system are added to ``LocalCluster.start`` the same way.
 Logs go to ``<state-dir>/logs/``; the PIDs of everything started are in ``<state-dir>/up.pids``
 while it runs, so a crashed ``up`` can be cleaned up by PID (never by process name).
 """
@@ -64,6 +70,8 @@ class UpSettings:
     """cpu: the model directory; empty: the default model, made on first use."""
     sim_profile: str = "llama-3.1-8b-h100"
     """sim: the simulated-engine profile of the local workers (workers/profiles/)."""
+    gateway_port: int = 8000
+    """The tenant gateway's HTTP port (OpenAI API); its gRPC Inference port is any free one."""
 
 
 @dataclass
@@ -81,6 +89,8 @@ class LocalCluster:
         self._stop = threading.Event()
         self.logs = settings.state_dir / "logs"
         self.pid_file = settings.state_dir / "up.pids"
+        self.demo_api_key = ""
+        self.gateway_grpc_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
     def run_foreground(self) -> int:
@@ -120,11 +130,15 @@ class LocalCluster:
                         f"(pids {alive}); stop it first (Ctrl-C) or kill those pids"
                     )
             self.pid_file.unlink(missing_ok=True)
-        for port, what in ((self.s.etcd_port, "etcd"), (self.s.grpc_port, "control plane")):
+        for port, what in (
+            (self.s.etcd_port, "etcd"),
+            (self.s.grpc_port, "control plane"),
+            (self.s.gateway_port, "gateway"),
+        ):
             if port_open(port):
                 raise RuntimeError(
                     f"port {port} for {what} is already in use on 127.0.0.1; "
-                    f"pick another with UP_ARGS='--etcd-port N --grpc-port M'"
+                    f"pick another with UP_ARGS='--etcd-port N --grpc-port M --gateway-port G'"
                 )
         if self.s.ray_nodes < 1 or self.s.gpus_per_node < 0:
             raise RuntimeError("--ray-nodes must be >= 1 and --gpus-per-node >= 0")
@@ -172,6 +186,8 @@ class LocalCluster:
         )  # fmt: skip
         self._wait_for_nodes()
         self._apply_default_deployment()
+        self._ensure_demo_tenant()
+        self._start_gateway()
 
     def default_deployment(self) -> dict[str, Any]:
         """The deployment `up` applies: one prefill and one decode replica of the local model."""
@@ -206,6 +222,41 @@ class LocalCluster:
             deployments_pb2_grpc.DeploymentsStub(channel).Apply(
                 deployments_pb2.ApplyDeploymentRequest(spec=spec_to_pb(spec)), timeout=30
             )
+
+    def _ensure_demo_tenant(self) -> None:
+        """Create the ``demo`` tenant (or reuse it and its key file); see local/demo_tenant.py."""
+        import asyncio
+
+        from controlplane.local.demo_tenant import KEY_FILE_NAME, ensure_demo_tenant
+
+        self.demo_api_key, what = asyncio.run(
+            ensure_demo_tenant(self.etcd_endpoint, self.s.state_dir)
+        )
+        self._say(f"tenant/demo {what}; its API key is in {self.s.state_dir / KEY_FILE_NAME}")
+
+    def _start_gateway(self, timeout_s: float = 60.0) -> None:
+        """The tenant gateway (HTTP on ``gateway_port``), once the deployment is applied."""
+        port_file = self.s.state_dir / "gateway.port"
+        port_file.unlink(missing_ok=True)
+        self._say(f"starting the gateway on http://127.0.0.1:{self.s.gateway_port}")
+        proc = self._spawn(
+            "gateway",
+            [
+                "gateway",
+                "--etcd", self.etcd_endpoint,
+                "--listen", f"127.0.0.1:{self.s.gateway_port}",
+                "--grpc-listen", "127.0.0.1:0",
+                "--port-file", str(port_file),
+            ],
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if not proc.alive():
+                raise RuntimeError(f"gateway exited:\n{proc.tail()}")
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise RuntimeError(f"the gateway did not start within {timeout_s:.0f}s")
+            time.sleep(0.2)
+        self.gateway_grpc_port = int(port_file.read_text().split()[1])
 
     def _ensure_model(self) -> str:
         from workers.engines.cpu_model import default_model_dir, ensure_model, is_model_dir
@@ -312,7 +363,11 @@ class LocalCluster:
             f"model {self.s.model}"
             + (f" ({self.s.sim_profile})" if self.s.worker_engine == "sim" else "")
             + ", as Ray actors",
+            f"  gateway         http://127.0.0.1:{self.s.gateway_port}/v1  (OpenAI API; "
+            f"gRPC Inference on 127.0.0.1:{self.gateway_grpc_port})",
             f"  logs            {self.logs}/",
+            f"  demo tenant     demo, API key {self.demo_api_key}"
+            f"  (in {self.s.state_dir / 'demo-api-key'})",
             "",
             f"  try: switchboard nodes --endpoint 127.0.0.1:{self.s.grpc_port}",
             f"       switchboard describe deployment local --endpoint 127.0.0.1:{self.s.grpc_port}",

@@ -41,9 +41,12 @@ def list_workers(endpoint: str) -> dict[str, WorkerRecord]:
 
 
 def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) -> None:
-    etcd_port, grpc_port = free_port(), free_port()
+    etcd_port, grpc_port, gateway_port = free_port(), free_port(), free_port()
     state = tmp_path / "state"
-    up_args = f"--etcd-port {etcd_port} --grpc-port {grpc_port} --state-dir {state}"
+    up_args = (
+        f"--etcd-port {etcd_port} --grpc-port {grpc_port} --gateway-port {gateway_port} "
+        f"--state-dir {state}"
+    )
     log_path = tmp_path / "make-up.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -1,0 +1,1 @@
+"""The tenant gateway: OpenAI HTTP and gRPC Inference in front of the workers (see main.py)."""

@@ -1,0 +1,191 @@
+"""The tenant-facing gRPC ``Inference`` service over the gateway's token path.
+
+``Generate`` does what ``POST /v1/(chat/)completions`` with ``stream: true`` does: tokenize (a
+prompt, or chat messages through the model's chat template), check the context window, ask the
+``RequestGate`` (``authorization: Bearer <key>`` metadata; rejections are UNAUTHENTICATED /
+PERMISSION_DENIED / RESOURCE_EXHAUSTED), then stream ``Gateway.stream``'s tokens with their
+text (stop strings applied as over HTTP). The last message carries ``finish_reason`` and
+``usage``. Other errors go through the shared table (controlplane/adapters/grpc/errors.py): no
+worker -> UNAVAILABLE, unknown model -> NOT_FOUND, bad input -> INVALID_ARGUMENT. A cancelled
+call aborts the workers' requests (the token stream's ``finally``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from switchboard.v1 import inference_pb2, inference_pb2_grpc
+
+from controlplane.adapters.grpc.errors import server_stream, unary
+from controlplane.errors import InvalidArgument, NotFound
+from controlplane.gateway.errors import GATE_STATUS
+from controlplane.gateway.gate import AdmissionTicket, RequestContext, RequestGate
+from controlplane.gateway.http_app import bearer_token
+from controlplane.gateway.pipeline import Gateway, Progress
+from workers.engine import SamplingParams, TokenChunk
+from workers.openai_protocol import text_deltas
+from workers.tokenizer import Message
+
+Context = grpc.aio.ServicerContext[Any, Any]
+ROUTE = "grpc:Generate"
+
+
+def _api_key(context: Context) -> str:
+    return bearer_token(_metadata(context, "authorization").encode("latin-1"))
+
+
+def _metadata(context: Context, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return ""
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, gateway: Gateway, gate: RequestGate) -> None:
+        self.gateway = gateway
+        self.gate = gate
+        self.metrics = gateway.metrics
+
+    @server_stream
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        model = request.model
+        code = "OK"
+        try:
+            async for msg in self._generate(request, context):
+                yield msg
+        except BaseException as e:
+            code = _code_name(e)
+            raise
+        finally:
+            self.metrics.requests.labels(ROUTE, code, model).inc()
+
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        gw = self.gateway
+        model = request.model
+        if not model:
+            raise InvalidArgument("model is required")
+        if not self.gate.visible_models(_api_key(context), [model]):  # UNAUTHENTICATED first
+            raise NotFound(f"model {model!r} does not exist or you do not have access to it")
+        if not gw.view.has_model(model):
+            raise NotFound(f"model {model!r} is not served here")
+        tokenizer = gw.tokenizer(model)
+        ctx = gw.max_context_tokens(model)
+        which = request.WhichOneof("input")
+        if which == "chat":
+            if not request.chat.messages:
+                raise InvalidArgument("chat.messages must not be empty")
+            messages: list[Message] = [
+                {"role": m.role, "content": m.content} for m in request.chat.messages
+            ]
+            prompt = tokenizer.encode(
+                tokenizer.apply_chat_template(messages), add_special_tokens=False
+            )
+            default_max = max(1, ctx - len(prompt)) if ctx else 16
+        elif which == "prompt":
+            prompt = tokenizer.encode(request.prompt)
+            default_max = 16
+        else:
+            raise InvalidArgument("one of prompt or chat is required")
+        s = request.sampling
+        sampling = SamplingParams(
+            max_tokens=s.max_tokens or default_max,
+            temperature=s.temperature if s.HasField("temperature") else 0.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            seed=s.seed if s.HasField("seed") else None,
+            stop_token_ids=tokenizer.eos_token_ids,
+        )
+        gw.validate(model, prompt, sampling)
+        request_id = request.request_id or uuid.uuid4().hex
+        ticket = await self._admit(
+            context,
+            RequestContext(
+                request_id=request_id,
+                model=model,
+                api_key=_api_key(context),
+                route=ROUTE,
+                prompt_tokens=len(prompt),
+                max_tokens=sampling.max_tokens,
+                sla_class=request.sla_class,
+            ),
+        )
+        progress = Progress()
+        self.metrics.in_flight.inc()
+        stream = gw.stream(request_id, model, prompt, sampling, progress)
+        try:
+            first = await anext(stream, TokenChunk((), "abort"))
+            current: list[tuple[int, ...]] = [first.token_ids]
+
+            async def recorded() -> AsyncIterator[TokenChunk]:
+                async for chunk in stream:
+                    current[0] = chunk.token_ids
+                    yield chunk
+
+            counts = [0]
+            stops = tuple(x for x in s.stop if x)
+            async for text, finish in text_deltas(tokenizer, stops, first, recorded(), counts):
+                msg = inference_pb2.GenerateResponse(
+                    request_id=request_id, text=text, token_ids=list(current[0])
+                )
+                current[0] = ()
+                if finish is not None:
+                    msg.finish_reason = finish
+                    msg.usage.prompt_tokens = len(prompt)
+                    msg.usage.completion_tokens = counts[0]
+                yield msg
+                if finish is not None:
+                    return
+        finally:
+            await stream.aclose()
+            self.metrics.in_flight.dec()
+            self.gate.release(ticket, progress.tokens)
+
+    async def _admit(self, context: Context, ctx: RequestContext) -> AdmissionTicket:
+        try:
+            return await self.gate.admit(ctx)
+        except Exception as e:
+            for cls, code in GATE_STATUS:
+                if isinstance(e, cls):
+                    await context.abort(code, str(e))
+            raise
+
+    @unary
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: Context
+    ) -> inference_pb2.ListModelsResponse:
+        view = self.gateway.view
+        try:
+            models = self.gate.visible_models(_api_key(context), view.served_models())
+        except Exception as e:
+            for cls, code in GATE_STATUS:
+                if isinstance(e, cls):
+                    await context.abort(code, str(e))
+            raise
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.ModelInfo(
+                    id=m, owned_by="switchboard", max_context_tokens=view.max_context_tokens(m)
+                )
+                for m in models
+            ]
+        )
+
+
+def _code_name(e: BaseException) -> str:
+    from controlplane.adapters.grpc.errors import status_for
+
+    if isinstance(e, grpc.aio.AbortError):
+        return "REJECTED"
+    for cls, code in GATE_STATUS:
+        if isinstance(e, cls):
+            return code.name
+    if isinstance(e, Exception):
+        return status_for(e).name
+    return "CANCELLED"

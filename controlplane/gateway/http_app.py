@@ -1,0 +1,413 @@
+"""The gateway's OpenAI-compatible HTTP API: a raw ASGI application (run under uvicorn).
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed or not), ``GET
+/v1/models`` (models with serving workers), ``GET /health``, ``GET /metrics`` (Prometheus),
+``GET /openapi.json``.
+
+A generation request: read the body (413 past ``max_body_bytes``; 415 unless the content type is
+JSON), parse it strictly (400 naming the field), look the model up (404), tokenize with the
+model's tokenizer, check it against the context window (400), ask the ``RequestGate`` (401 /
+403 / 429), then stream tokens from ``Gateway.stream`` through the shared response writers
+(workers/openai_protocol.py): headers go out only with the first token, so anything that fails
+before it (no worker: 503) is still a plain error body; later errors are an SSE error event.
+A client disconnect cancels the handler; the token stream's ``finally`` aborts the workers'
+requests. No framework sits in the token path (see docs/architecture.md, "Gateway").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controlplane.gateway.errors import GATEWAY_ERROR_TABLE, RateLimited
+from controlplane.gateway.gate import AdmissionTicket, RequestContext, RequestGate
+from controlplane.gateway.pipeline import Gateway, Progress
+from workers.engine import TokenChunk
+from workers.openai_protocol import (
+    JSON_HEADERS,
+    ApiError,
+    ChatCompletionRequest,
+    ClientGone,
+    CompletionRequest,
+    Exchange,
+    Receive,
+    ResponseSpec,
+    Scope,
+    Send,
+    api_error,
+    header,
+    lifespan,
+    model_not_found,
+    parse_generation,
+    prepare,
+    read_body,
+    request_id_header,
+    send_body,
+    send_error,
+    send_json_response,
+    send_stream_response,
+    watch_disconnect,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def bearer_token(value: bytes | None) -> str:
+    if not value:
+        return ""
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def gate_error(exc: BaseException) -> ApiError:
+    err = api_error(exc, GATEWAY_ERROR_TABLE)
+    if isinstance(exc, RateLimited):
+        err.headers = ((b"retry-after", str(max(1, round(exc.retry_after_s))).encode()),)
+    return err
+
+
+class GatewayApp:
+    """The ASGI application; see the module docstring."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        gate: RequestGate,
+        *,
+        max_body_bytes: int = 4 << 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.gateway = gateway
+        self.gate = gate
+        self.metrics = gateway.metrics
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+        self.draining = False
+        self._created = int(clock())
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/chat/completions"): self._chat_completions,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/health"): self._health,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/openapi.json"): self._openapi,
+        }
+        self._paths = {path for _, path in self._routes}
+        self._openapi_body = orjson.dumps(openapi_schema())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            handler = self._routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+            if scope["path"] in self._paths:
+                allowed = ", ".join(sorted(m for m, p in self._routes if p == scope["path"]))
+                err = ApiError(
+                    405,
+                    f"{scope['method']} is not allowed on {scope['path']}; use {allowed}",
+                    code="method_not_allowed",
+                )
+                await send_error(send, err, [(b"allow", allowed.encode())])
+            else:
+                err = ApiError(
+                    404, f"no route {scope['path']}", type="not_found_error", code="not_found"
+                )
+                await send_error(send, err)
+        elif kind == "lifespan":
+            await lifespan(receive, send)
+
+    # -- small routes -----------------------------------------------------------------------------
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        view = self.gateway.view
+        api_key = bearer_token(header(scope, b"authorization"))
+        try:
+            models = self.gate.visible_models(api_key, view.served_models())
+        except Exception as e:
+            await send_error(send, gate_error(e))
+            return
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "created": self._created,
+                "owned_by": "switchboard",
+                "max_model_len": view.max_context_tokens(model),
+            }
+            for model in models
+        ]
+        await send_body(send, 200, orjson.dumps({"object": "list", "data": data}), JSON_HEADERS)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.draining:
+            await send_body(send, 503, b'{"status":"draining"}', JSON_HEADERS)
+        elif not self.gateway.view.synced.is_set():
+            await send_body(send, 503, b'{"status":"syncing"}', JSON_HEADERS)
+        else:
+            await send_body(send, 200, b'{"status":"ok"}', JSON_HEADERS)
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = generate_latest(self.metrics.registry)
+        await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_body(send, 200, self._openapi_body, JSON_HEADERS)
+
+    # -- generation -------------------------------------------------------------------------------
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generation(scope, receive, send, chat=False)
+
+    async def _chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generation(scope, receive, send, chat=True)
+
+    async def _generation(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
+        route = scope["path"]
+        state: dict[str, Any] = {"model": ""}
+        exchange = Exchange()
+        try:
+            _check_content_type(scope)
+            body = await read_body(receive, self.max_body_bytes)
+        except ApiError as e:
+            self._count(route, e.status, "")
+            await send_error(send, e)
+            return
+        except ClientGone:
+            self.metrics.disconnects.inc()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
+        self.metrics.in_flight.inc()
+        try:
+            status = await self._serve(scope, body, send, exchange, state, chat=chat)
+            self._count(route, status, state["model"])
+        except asyncio.CancelledError:
+            if not exchange.disconnected:
+                raise
+            task.uncancel()  # we cancelled ourselves: the client is gone
+            self.metrics.disconnects.inc()
+            self._count(route, 499, state["model"])
+        finally:
+            self.metrics.in_flight.dec()
+            watcher.cancel()
+
+    def _count(self, route: str, status: int, model: str) -> None:
+        self.metrics.requests.labels(route, str(status), model).inc()
+
+    async def _serve(
+        self,
+        scope: Scope,
+        body: bytes,
+        send: Send,
+        exchange: Exchange,
+        state: dict[str, Any],
+        *,
+        chat: bool,
+    ) -> int:
+        ticket: AdmissionTicket | None = None
+        progress = Progress()
+        try:
+            try:
+                if self.draining:
+                    raise ApiError(
+                        503, "the gateway is shutting down", type="service_unavailable_error"
+                    )
+                req = parse_generation(body, chat=chat)
+                if not req.model:
+                    raise ApiError(400, "model: Field required", param="model")
+                model = req.model
+                api_key = bearer_token(header(scope, b"authorization"))
+                if not self.gate.visible_models(api_key, [model]):  # 401 first, then 404
+                    raise model_not_found(model, "GET /v1/models lists the models you can use")
+                if not self.gateway.view.has_model(model):
+                    raise model_not_found(model, "GET /v1/models lists the served models")
+                state["model"] = model
+                tokenizer = self.gateway.tokenizer(model)
+                prepared = prepare(
+                    req, tokenizer, max_context_tokens=self.gateway.max_context_tokens(model)
+                )
+                self.gateway.validate(model, prepared.prompt, prepared.sampling)
+                request_id = request_id_header(scope) or uuid.uuid4().hex
+                ticket = await self.gate.admit(
+                    RequestContext(
+                        request_id=request_id,
+                        model=model,
+                        api_key=api_key,
+                        route=scope["path"],
+                        prompt_tokens=len(prepared.prompt),
+                        max_tokens=prepared.sampling.max_tokens,
+                        sla_class=(header(scope, b"x-sla-class") or b"").decode("latin-1"),
+                    )
+                )
+                self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt))
+                stream = self.gateway.stream(
+                    request_id, model, prepared.prompt, prepared.sampling, progress
+                )
+                try:
+                    first = await anext(stream)
+                except StopAsyncIteration:
+                    first = TokenChunk((), "abort")
+            except Exception as e:
+                err = gate_error(e)
+                exchange.responded = True
+                await send_error(send, err)
+                return err.status
+            spec = ResponseSpec(
+                chat=prepared.chat,
+                request_id=request_id,
+                model=model,
+                created=int(self.clock()),
+                prompt_tokens=len(prepared.prompt),
+                stops=prepared.stops,
+                include_usage=prepared.include_usage,
+            )
+            try:
+                if prepared.stream:
+                    await send_stream_response(
+                        spec, tokenizer, first, stream, send, exchange,
+                        error_table=GATEWAY_ERROR_TABLE,
+                    )  # fmt: skip
+                else:
+                    await send_json_response(spec, tokenizer, first, stream, send, exchange)
+            except Exception as e:
+                if prepared.stream:
+                    raise
+                err = gate_error(e)
+                exchange.responded = True
+                await send_error(send, err)
+                return err.status
+            finally:
+                await stream.aclose()
+            return 200
+        finally:
+            if ticket is not None:
+                self.gate.release(ticket, progress.tokens)
+
+
+def _check_content_type(scope: Scope) -> None:
+    value = header(scope, b"content-type")
+    if value is None:
+        return  # lenient: a body without a content type is parsed as JSON
+    media = value.split(b";", 1)[0].strip().lower()
+    if media != b"application/json" and not media.endswith(b"+json"):
+        raise ApiError(
+            415,
+            f"content-type {media.decode('latin-1')!r} is not supported; send application/json",
+            code="unsupported_media_type",
+        )
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------
+
+
+def openapi_schema() -> dict[str, Any]:
+    """OpenAPI 3.1 description of the routes; request bodies from the pydantic models."""
+    error = {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+                "required": ["message", "type"],
+            }
+        },
+    }
+    err_ref = {"$ref": "#/components/schemas/Error"}
+
+    def errors(*codes: int) -> dict[str, Any]:
+        return {
+            str(c): {
+                "description": _REASONS[c],
+                "content": {"application/json": {"schema": err_ref}},
+            }
+            for c in codes
+        }
+
+    def generation(name: str, schema: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": name,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The completion (JSON), or server-sent events if stream",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **errors(400, 401, 403, 404, 413, 415, 429, 503),
+                },
+                "security": [{"bearer": []}],
+            }
+        }
+
+    schemas: dict[str, Any] = {"Error": error}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(doc.pop("$defs", {}))
+        schemas[model.__name__] = doc
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Switchboard gateway", "version": "1"},
+        "paths": {
+            "/v1/chat/completions": generation("Chat completion", "ChatCompletionRequest"),
+            "/v1/completions": generation("Text completion", "CompletionRequest"),
+            "/v1/models": {
+                "get": {
+                    "summary": "Models with serving workers",
+                    "responses": {"200": {"description": "OpenAI model list"}},
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {"200": {"description": "ok"}, "503": {"description": "not yet"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text exposition format"}},
+                }
+            },
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+_REASONS = {
+    400: "Malformed request",
+    401: "Missing or unknown API key",
+    403: "Not allowed for this key",
+    404: "Unknown model",
+    413: "Body too large",
+    415: "Wrong content type",
+    429: "Over quota",
+    503: "No worker can serve the model now",
+}

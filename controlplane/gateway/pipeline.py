@@ -1,0 +1,432 @@
+"""The gateway's token path: route, prefill -> decode, retry, migrate, abort.
+
+Theory of operation
+-------------------
+``Gateway.stream`` turns (model, prompt ids, sampling) into an async stream of ``TokenChunk``,
+the same type engines yield, so the shared OpenAI response writers (workers/openai_protocol.py)
+and the gRPC Inference service consume it unchanged. For one request:
+
+1. **route** with a snapshot of the model's workers (``WorkersView.snapshots``: records, last load
+   reports, this gateway's in-flight counts, breaker states) through the ``Router`` (pure);
+   no route -> ``Unavailable`` (503 / UNAVAILABLE).
+2. **disaggregated** (route has a prefill worker): ``Prefill`` on it; its first token is yielded at
+   once (TTFT does not wait for the decode worker); then ``Decode`` with the ``KvHandle`` on the
+   decode worker. If the decode worker answers NOT_FOUND before its first token (the KV expired,
+   was evicted, or its prefill worker restarted: ``KvUnavailable``), the prompt is prefilled
+   again **once** and decoded with the token already sent as ``first_token_id`` (the KV of a
+   prompt does not depend on the token sampled after it, so nothing is sent twice).
+   **aggregated** (no prefill worker): ``Decode`` without a handle.
+3. **failures**: UNAVAILABLE (and the other transport codes: the stream broke, the worker died or
+   is draining) count against the worker's circuit breaker and the request moves on, **excluding
+   that worker**, as an aggregated request whose prompt is the original prompt + every token
+   already sent and whose ``max_tokens`` is what is left. Before the first token that is a retry;
+   after it, a **migration**: the client's stream goes on with no gap and no duplicate, and
+   with greedy decoding the text equals an unbroken run. At most ``max_migrations`` moves per
+   request, then ``Unavailable`` naming the last failure (an error event in an SSE stream).
+   Errors that are the request's fault (INVALID_ARGUMENT, ...) are not retried.
+4. **stop token ids** are applied here: the Worker API's sampling has no stop ids, so the
+   gateway ends the stream at the first one (finish "stop") and aborts the worker's request.
+5. **the end**: when the consumer stops early (client disconnect -> cancellation, stop string,
+   stop id), the generator's ``finally`` cancels the open Decode call and sends ``Abort`` to the
+   decode worker and, while the prefilled KV has not been handed over, to the prefill worker, so
+   their KV is freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+import grpc
+from switchboard.v1 import inference_pb2, worker_pb2
+
+from controlplane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SwitchboardError,
+    Unavailable,
+)
+from controlplane.gateway.metrics import GatewayMetrics
+from controlplane.gateway.routing import CircuitBreakers, NoRoute, Route, Router, WorkerSnapshot
+from controlplane.gateway.workers_view import ModelInfo, WorkersView
+from workers.engine import KvUnavailable, SamplingParams, TokenChunk, validate_prompt
+from workers.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIM_PROFILE = "llama-3.1-8b-h100"
+
+# Codes that mean "this worker failed", not "this request is bad": move the request elsewhere.
+_TRANSPORT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.FAILED_PRECONDITION,  # wrong role / draining race: another worker can
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+class WorkerFailed(Exception):
+    """A worker failed this request in a way another worker may not (transport, draining)."""
+
+    def __init__(self, worker_id: str, detail: str) -> None:
+        super().__init__(f"worker {worker_id}: {detail}")
+        self.worker_id = worker_id
+        self.detail = detail
+
+
+def _translate(e: grpc.aio.AioRpcError, worker_id: str) -> Exception:
+    code, details = e.code(), e.details() or e.code().name
+    if code in _TRANSPORT_CODES:
+        return WorkerFailed(worker_id, f"{code.name}: {details}")
+    if code is grpc.StatusCode.NOT_FOUND:
+        return KvUnavailable(details)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(details)
+    return Unavailable(f"worker {worker_id}: {code.name}: {details}")
+
+
+@dataclass(slots=True)
+class Progress:
+    """What a request has served so far (read by the caller for usage and ``release``)."""
+
+    tokens: int = 0
+    migrations: int = 0
+    worker_ids: tuple[str, ...] = ()
+
+
+def build_tokenizer(info: ModelInfo) -> Tokenizer:
+    """The tokenizer of a deployment's engine (cpu: the model's own; sim: SimTokenizer)."""
+    from workers.tokenizer import HfTokenizer, SimTokenizer
+
+    if info.engine == "sim":
+        from workers.profiles import load_profile
+
+        profile = load_profile(info.engine_args.get("profile", DEFAULT_SIM_PROFILE))
+        return SimTokenizer(profile.vocab_size)
+    if info.engine in ("cpu", "vllm", "trtllm") and info.model_path:
+        return HfTokenizer(info.model_path)
+    raise Unavailable(
+        f"cannot tokenize for model {info.model!r}: engine {info.engine!r} without a model_path"
+    )
+
+
+class Gateway:
+    """The request path over a ``WorkersView``; see the module docstring.
+
+    Args:
+        view: routing state (records, loads, channels, in-flight counts).
+        router: the routing policy.
+        breakers: per-worker circuit breakers.
+        metrics: where TTFT / ITL / migrations / circuit events go.
+        max_migrations: moves to another worker per request (retries before the first token
+            included) before the request fails.
+        prefill_timeout_s / decode_timeout_s: gRPC deadlines.
+        clock: monotonic seconds, for breakers and latency histograms.
+        tokenizer_factory: ModelInfo -> Tokenizer (cached per model).
+    """
+
+    def __init__(
+        self,
+        view: WorkersView,
+        router: Router,
+        breakers: CircuitBreakers,
+        metrics: GatewayMetrics,
+        *,
+        max_migrations: int = 2,
+        prefill_timeout_s: float = 120.0,
+        decode_timeout_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        tokenizer_factory: Callable[[ModelInfo], Tokenizer] = build_tokenizer,
+    ) -> None:
+        self.view = view
+        self.router = router
+        self.breakers = breakers
+        self.metrics = metrics
+        self.max_migrations = max_migrations
+        self.prefill_timeout_s = prefill_timeout_s
+        self.decode_timeout_s = decode_timeout_s
+        self.clock = clock
+        self._tokenizer_factory = tokenizer_factory
+        self._tokenizers: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], Tokenizer] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- model facts ----------------------------------------------------------------------------
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        """The model's tokenizer (NotFound for unknown models; built once per deployment)."""
+        info = self.view.model_info(model)
+        if info is None:
+            if not self.view.records(model):
+                raise NotFound(f"model {model!r} is not served here")
+            engine = self.view.records(model)[0].engine
+            info = ModelInfo(model=model, engine=engine)
+        key = (info.model, info.engine, info.model_path, tuple(sorted(info.engine_args.items())))
+        tok = self._tokenizers.get(key)
+        if tok is None:
+            tok = self._tokenizer_factory(info)
+            self._tokenizers[key] = tok
+        return tok
+
+    def max_context_tokens(self, model: str) -> int:
+        return self.view.max_context_tokens(model)
+
+    def validate(self, model: str, prompt: tuple[int, ...], sampling: SamplingParams) -> None:
+        """InvalidArgument for a prompt the model's workers would refuse (before routing)."""
+        ctx = self.max_context_tokens(model)
+        validate_prompt(
+            prompt,
+            sampling,
+            vocab_size=self.tokenizer(model).vocab_size,
+            max_context_tokens=ctx if ctx > 0 else 1 << 30,
+        )
+
+    # --- routing --------------------------------------------------------------------------------
+
+    def _route(self, model: str, exclude: frozenset[str], aggregated: bool) -> Route:
+        now = self.clock()
+        workers = self.view.snapshots(model, lambda w: self.breakers.allows(w, now))
+        if not workers and not self.view.has_model(model):
+            raise NotFound(f"model {model!r} is not served here")
+        route = self.router.route(workers, exclude=exclude, aggregated=aggregated)
+        if isinstance(route, NoRoute):
+            raise Unavailable(route.message(model))
+        return route
+
+    def _failed(self, model: str, worker: WorkerSnapshot) -> None:
+        if self.breakers.record_failure(worker.worker_id, self.clock()):
+            log.warning("circuit open for worker %s", worker.worker_id)
+            self.metrics.circuit_opened.labels(worker.worker_id).inc()
+
+    # --- the stream -----------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        request_id: str,
+        model: str,
+        prompt: tuple[int, ...],
+        sampling: SamplingParams,
+        progress: Progress | None = None,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        progress = progress if progress is not None else Progress()
+        sent: list[int] = []
+        stop_ids = frozenset(sampling.stop_token_ids)
+        exclude: set[str] = set()
+        moves = 0
+        aggregated = False
+        started = self.clock()
+        last = 0.0
+        while True:
+            remaining = sampling.max_tokens - len(sent)
+            if remaining <= 0:
+                yield TokenChunk((), "length")
+                return
+            route = self._route(model, frozenset(exclude), aggregated)
+            attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
+            attempt = self._attempt(
+                attempt_id,
+                route,
+                prompt + tuple(sent),
+                dataclasses.replace(sampling, max_tokens=remaining),
+                model,
+            )
+            progress.worker_ids = (*progress.worker_ids, route.decode.worker_id)
+            try:
+                async for chunk in attempt:
+                    ids = chunk.token_ids
+                    finish = chunk.finish_reason
+                    if stop_ids:
+                        for i, t in enumerate(ids):
+                            if t in stop_ids:
+                                ids, finish = ids[: i + 1], "stop"
+                                break
+                    if not ids and finish is None:
+                        continue
+                    now = self.clock()
+                    if ids:
+                        if not sent:
+                            self.metrics.ttft.labels(model).observe(now - started)
+                        else:
+                            self.metrics.itl.labels(model).observe((now - last) / len(ids))
+                        last = now
+                    sent.extend(ids)
+                    progress.tokens = len(sent)
+                    self.metrics.generation_tokens.labels(model).inc(len(ids))
+                    yield TokenChunk(ids, finish)
+                    if finish is not None:
+                        return
+                raise WorkerFailed(route.decode.worker_id, "stream ended without a finish reason")
+            except WorkerFailed as e:
+                failed = next(
+                    (w for w in (route.decode, route.prefill) if w and w.worker_id == e.worker_id),
+                    route.decode,
+                )
+                self._failed(model, failed)
+                moves += 1
+                if moves > self.max_migrations:
+                    raise Unavailable(
+                        f"request {request_id} failed after {moves - 1} moves to other workers; "
+                        f"last: {e}"
+                    ) from None
+                if sent:
+                    progress.migrations += 1
+                    self.metrics.migrations.labels(model).inc()
+                    log.warning(
+                        "request %s: %s after %d tokens; migrating", request_id, e, len(sent)
+                    )
+                else:
+                    self.metrics.retries.labels(model).inc()
+                    log.warning("request %s: %s; retrying elsewhere", request_id, e)
+                exclude.add(e.worker_id)
+                aggregated = True
+            finally:
+                await attempt.aclose()
+
+    async def _attempt(
+        self,
+        request_id: str,
+        route: Route,
+        prompt: tuple[int, ...],
+        sampling: SamplingParams,
+        model: str,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """One route's worth of tokens; raises ``WorkerFailed`` when a worker fails it."""
+        sampling_pb = _sampling_pb(sampling)
+        decode = route.decode
+        if route.prefill is None:
+            request = worker_pb2.DecodeRequest(
+                request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
+            )
+            async for chunk in self._decode(decode, request):
+                yield chunk
+            return
+        prefill = route.prefill
+        res = await self._prefill(prefill, request_id, prompt, sampling_pb)
+        first = res.first_token_id
+        handed = False
+        try:
+            one_token = sampling.max_tokens == 1
+            stops = first in sampling.stop_token_ids
+            yield TokenChunk((first,), "length" if one_token else ("stop" if stops else None))
+            if one_token or stops:
+                return
+            for again in (False, True):
+                request = worker_pb2.DecodeRequest(
+                    request_id=request_id,
+                    prompt_token_ids=list(prompt),
+                    kv=res.kv,
+                    first_token_id=first,
+                    sampling=sampling_pb,
+                )
+                stream = self._decode(decode, request)
+                try:
+                    try:
+                        head = await anext(stream)
+                    except KvUnavailable as e:
+                        if again:
+                            raise
+                        log.info("request %s: %s; prefilling again", request_id, e)
+                        self.metrics.reprefills.labels(model).inc()
+                        res = await self._prefill(prefill, request_id, prompt, sampling_pb)
+                        continue
+                    except StopAsyncIteration:
+                        return
+                    handed = True
+                    # the decode worker's stream starts after the prefill's token
+                    yield head
+                    async for chunk in stream:
+                        yield chunk
+                    return
+                finally:
+                    await stream.aclose()
+        finally:
+            if not handed:  # the prefilled KV is still held: free it
+                self._abort_later(prefill, request_id)
+
+    async def _prefill(
+        self,
+        worker: WorkerSnapshot,
+        request_id: str,
+        prompt: tuple[int, ...],
+        sampling: inference_pb2.SamplingParams,
+    ) -> worker_pb2.PrefillResponse:
+        stub = self.view.channels.stub(worker.endpoint)
+        self.breakers.acquire(worker.worker_id, self.clock())
+        with self.view.in_flight(worker.worker_id):
+            try:
+                res = await stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling
+                    ),
+                    timeout=self.prefill_timeout_s,
+                )
+            except asyncio.CancelledError:
+                self._abort_later(worker, request_id)
+                raise
+            except grpc.aio.AioRpcError as e:
+                raise _translate(e, worker.worker_id) from None
+        self.breakers.record_success(worker.worker_id)
+        return res
+
+    async def _decode(
+        self, worker: WorkerSnapshot, request: worker_pb2.DecodeRequest
+    ) -> AsyncGenerator[TokenChunk, None]:
+        stub = self.view.channels.stub(worker.endpoint)
+        self.breakers.acquire(worker.worker_id, self.clock())
+        finished = False
+        succeeded = False
+        with self.view.in_flight(worker.worker_id):
+            call = stub.Decode(request, timeout=self.decode_timeout_s)
+            try:
+                async for msg in call:
+                    if not succeeded:
+                        succeeded = True
+                        self.breakers.record_success(worker.worker_id)
+                    finished = bool(msg.finish_reason)
+                    yield TokenChunk(tuple(msg.token_ids), msg.finish_reason or None)
+                    if finished:
+                        return
+            except grpc.aio.AioRpcError as e:
+                finished = True  # the worker's side is over already
+                raise _translate(e, worker.worker_id) from None
+            finally:
+                if not finished:  # the consumer stopped early: free the worker's KV
+                    call.cancel()
+                    self._abort_later(worker, request.request_id)
+
+    def _abort_later(self, worker: WorkerSnapshot, request_id: str) -> None:
+        """Send Abort without waiting (also from a cancelled task)."""
+
+        async def abort() -> None:
+            stub = self.view.channels.stub(worker.endpoint)
+            with contextlib.suppress(grpc.aio.AioRpcError, SwitchboardError):
+                await stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=5.0)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Wait (briefly) for background aborts."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5.0)
+
+
+def _sampling_pb(s: SamplingParams) -> inference_pb2.SamplingParams:
+    msg = inference_pb2.SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature)
+    msg.top_p = s.top_p
+    if s.seed is not None:
+        msg.seed = s.seed
+    return msg

@@ -1,0 +1,319 @@
+"""WorkersView: the gateway's routing state, kept current off the request path.
+
+Three feeds, each its own task, none of which a request ever waits on:
+
+- **worker records**: list + watch of ``{prefix}/workers/`` (level-based, as NodeCache does:
+  list at revision R, watch from R+1, re-list whenever the watch breaks);
+- **load reports**: one ``Worker.WatchStats`` stream per worker (running / waiting / KV blocks /
+  batch), reconnected with backoff while the worker's record exists. A worker whose stream
+  broke is treated as not serving until it reconnects (a killed worker is avoided at once,
+  before its lease expires);
+- **deployments**: list + watch of ``{prefix}/deployments/`` (re-listed on any change; they are
+  few and change rarely), for each model's engine / model_path / engine args, which the gateway
+  needs to tokenize.
+
+It also holds the gRPC channels to workers (one per endpoint, shared by the request path) and
+this gateway's own in-flight count per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from switchboard.v1 import worker_pb2, worker_pb2_grpc
+
+from controlplane.adapters.etcd.client import EtcdClient, prefix_range_end
+from controlplane.adapters.etcd.deployments import EtcdDeploymentStore
+from controlplane.adapters.etcd.workers import decode_worker
+from controlplane.core.model import WorkerRecord, WorkerState
+from controlplane.errors import SwitchboardError
+from controlplane.gateway.routing import WorkerSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """How to tokenize for a model: from its deployment."""
+
+    model: str
+    engine: str
+    model_path: str = ""
+    engine_args: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LoadReport:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    last_batch_size: int = 0
+    draining: bool = False
+    received_at: float = 0.0
+
+
+class WorkerChannels:
+    """One gRPC channel per worker endpoint, created on first use."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerAsyncStub:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                endpoint,
+                options=[
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
+            self._channels[endpoint] = channel
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def drop(self, endpoint: str) -> None:
+        channel = self._channels.pop(endpoint, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class WorkersView:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: str,
+        channels: WorkerChannels,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        self._client = client
+        base = prefix.rstrip("/")
+        self._workers_prefix = f"{base}/workers/".encode()
+        self._deployments = EtcdDeploymentStore(client, prefix)
+        self.channels = channels
+        self._clock = clock
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._records: dict[bytes, WorkerRecord] = {}
+        self._by_model: dict[str, list[WorkerRecord]] = {}
+        self._models: dict[str, ModelInfo] = {}
+        self.loads: dict[str, LoadReport] = {}
+        self.stats_down: set[str] = set()
+        self.inflight: dict[str, int] = {}
+        self._stats_tasks: dict[str, asyncio.Task[None]] = {}
+        self.synced = asyncio.Event()
+        self.deployments_synced = asyncio.Event()
+
+    # --- reads (the request path) ---------------------------------------------------------------
+
+    def records(self, model: str) -> list[WorkerRecord]:
+        return self._by_model.get(model, [])
+
+    def has_model(self, model: str) -> bool:
+        return model in self._by_model or model in self._models
+
+    def model_info(self, model: str) -> ModelInfo | None:
+        return self._models.get(model)
+
+    def served_models(self) -> list[str]:
+        """Models with at least one Serving decode-capable worker."""
+        return sorted(
+            m
+            for m, recs in self._by_model.items()
+            if any(r.state is WorkerState.SERVING and r.role in ("decode", "both") for r in recs)
+        )
+
+    def max_context_tokens(self, model: str) -> int:
+        sizes = [r.max_context_tokens for r in self.records(model) if r.max_context_tokens > 0]
+        return min(sizes, default=0)
+
+    def snapshots(self, model: str, circuit_allows: Callable[[str], bool]) -> list[WorkerSnapshot]:
+        out = []
+        for r in self.records(model):
+            load = self.loads.get(r.worker_id) or LoadReport()
+            out.append(
+                WorkerSnapshot(
+                    worker_id=r.worker_id,
+                    endpoint=r.endpoint,
+                    role=r.role,
+                    serving=r.state is WorkerState.SERVING
+                    and not load.draining
+                    and r.worker_id not in self.stats_down,
+                    running=load.running,
+                    waiting=load.waiting,
+                    inflight_here=self.inflight.get(r.worker_id, 0),
+                    kv_blocks_used=load.kv_blocks_used,
+                    kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
+                    circuit_allows=circuit_allows(r.worker_id),
+                    max_context_tokens=r.max_context_tokens,
+                )
+            )
+        return out
+
+    @contextlib.contextmanager
+    def in_flight(self, worker_id: str) -> Iterator[None]:
+        self.inflight[worker_id] = self.inflight.get(worker_id, 0) + 1
+        try:
+            yield
+        finally:
+            n = self.inflight.get(worker_id, 1) - 1
+            if n > 0:
+                self.inflight[worker_id] = n
+            else:
+                self.inflight.pop(worker_id, None)
+
+    # --- the loops ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """All feeds, until cancelled."""
+        try:
+            await asyncio.gather(self._workers_loop(), self._deployments_loop())
+        finally:
+            for task in self._stats_tasks.values():
+                task.cancel()
+            for task in list(self._stats_tasks.values()):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._stats_tasks.clear()
+
+    async def _workers_loop(self) -> None:
+        delay = self._backoff[0]
+        end = prefix_range_end(self._workers_prefix)
+        while True:
+            try:
+                kvs, revision = await self._client.get_prefix(self._workers_prefix)
+                records: dict[bytes, WorkerRecord] = {}
+                for kv in kvs:
+                    with contextlib.suppress(SwitchboardError):
+                        records[kv.key] = decode_worker(kv.value)
+                await self._replace(records)
+                self.synced.set()
+                delay = self._backoff[0]
+                async for ev in self._client.watch_range(
+                    self._workers_prefix, end, start_revision=revision + 1
+                ):
+                    new = dict(self._records)
+                    if ev.deleted:
+                        new.pop(ev.kv.key, None)
+                    else:
+                        try:
+                            new[ev.kv.key] = decode_worker(ev.kv.value)
+                        except SwitchboardError as e:
+                            log.warning("ignoring worker record %r: %s", ev.kv.key, e)
+                            continue
+                    await self._replace(new)
+            except asyncio.CancelledError:
+                raise
+            except SwitchboardError as e:
+                log.warning("worker list/watch failed (%s); re-listing in %.1fs", e, delay)
+            except Exception:
+                log.exception("worker list/watch failed; re-listing in %.1fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff[1])
+
+    async def _replace(self, records: dict[bytes, WorkerRecord]) -> None:
+        before = {r.worker_id: r for r in self._records.values()}
+        after = {r.worker_id: r for r in records.values()}
+        self._records = records
+        by_model: dict[str, list[WorkerRecord]] = {}
+        for r in sorted(records.values(), key=lambda r: r.worker_id):
+            by_model.setdefault(r.model, []).append(r)
+        self._by_model = by_model
+        for worker_id, rec in after.items():
+            old = before.get(worker_id)
+            if old is None or old.endpoint != rec.endpoint:
+                self._start_stats(rec)
+        for worker_id, rec in before.items():
+            if worker_id not in after:
+                log.info("worker %s (%s %s) left", worker_id, rec.model, rec.role)
+                task = self._stats_tasks.pop(worker_id, None)
+                if task is not None:
+                    task.cancel()
+                self.loads.pop(worker_id, None)
+                self.stats_down.discard(worker_id)
+                if all(r.endpoint != rec.endpoint for r in after.values()):
+                    await self.channels.drop(rec.endpoint)
+
+    def _start_stats(self, rec: WorkerRecord) -> None:
+        old = self._stats_tasks.pop(rec.worker_id, None)
+        if old is not None:
+            old.cancel()
+        log.info("worker %s (%s %s) at %s", rec.worker_id, rec.model, rec.role, rec.endpoint)
+        self._stats_tasks[rec.worker_id] = asyncio.create_task(
+            self._stats_loop(rec), name=f"stats-{rec.worker_id}"
+        )
+
+    async def _stats_loop(self, rec: WorkerRecord) -> None:
+        delay = self._backoff[0]
+        while True:
+            try:
+                call = self.channels.stub(rec.endpoint).WatchStats(worker_pb2.StatsRequest())
+                async for msg in call:
+                    self.stats_down.discard(rec.worker_id)
+                    delay = self._backoff[0]
+                    self.loads[rec.worker_id] = LoadReport(
+                        running=msg.running_requests,
+                        waiting=msg.waiting_requests,
+                        kv_blocks_used=msg.kv_blocks_used,
+                        kv_blocks_total=msg.kv_blocks_total,
+                        last_batch_size=msg.last_batch_size,
+                        draining=msg.draining,
+                        received_at=self._clock(),
+                    )
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                log.info("load reports from %s broke: %s", rec.worker_id, e.code().name)
+            except Exception:
+                log.exception("load reports from %s failed", rec.worker_id)
+            self.stats_down.add(rec.worker_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff[1])
+
+    async def _deployments_loop(self) -> None:
+        delay = self._backoff[0]
+        prefix = self._deployments.deployments.encode()
+        while True:
+            try:
+                _, revision = await self._client.get_prefix(prefix)
+                await self._reload_deployments()
+                self.deployments_synced.set()
+                delay = self._backoff[0]
+                async for _ in self._client.watch_range(
+                    prefix, prefix_range_end(prefix), start_revision=revision + 1
+                ):
+                    await self._reload_deployments()
+            except asyncio.CancelledError:
+                raise
+            except SwitchboardError as e:
+                log.warning("deployment list/watch failed (%s); re-listing in %.1fs", e, delay)
+            except Exception:
+                log.exception("deployment list/watch failed; re-listing in %.1fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff[1])
+
+    async def _reload_deployments(self) -> None:
+        models: dict[str, ModelInfo] = {}
+        for record in await self._deployments.list_all():
+            spec = record.spec
+            models[spec.model] = ModelInfo(
+                model=spec.model,
+                engine=spec.engine.value,
+                model_path=spec.model_path,
+                engine_args=dict(spec.engine_args),
+            )
+        self._models = models
