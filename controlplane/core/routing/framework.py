@@ -1,0 +1,408 @@
+"""The request router's data and plugin contracts.
+
+A routing run takes one ``RouteRequest`` and a snapshot of the model's workers
+(``WorkerState``) and runs a ``RoutingProfile`` once per *stage*: first the decode stage
+(where the tokens will stream from), then, when a remote prefill is worth it, the prefill
+stage. In each stage the workers go through the profile's ``Filter`` s (each can say *why* it
+dropped a worker), the survivors become ``Candidate`` s carrying the predictions every scorer
+reads (cached prefix, predicted TTFT and ITL, from the worker's ``TimingModel``), each
+``Scorer`` rates them in [0, 1], the weighted mean is the candidate's score, and the ``Picker``
+chooses (ties broken by an injected ``random.Random``). ``router.py`` runs the pipeline;
+``plugins.py`` holds the stock plugins; ``predict.py`` the timing arithmetic; ``index.py`` the
+prefix index.
+
+Plugins are small, pure and synchronous: no I/O, no clock, no global random. They must not
+mutate what they are shown.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controlplane.core.sla import SlaClass
+from controlplane.errors import InvalidArgument
+
+PREFILL = "prefill"
+DECODE = "decode"
+BOTH = "both"
+"""Worker roles, as the gateway's ``WorkerSnapshot.role`` spells them."""
+
+
+class Stage(enum.StrEnum):
+    """Which half of a request a routing pass chooses a worker for."""
+
+    DECODE = "decode"
+    """The worker that streams the tokens (and prefills too, when the prefill stays local)."""
+    PREFILL = "prefill"
+    """A remote prefill worker, whose KV cache then moves to the decode worker."""
+
+
+class TimingModel(Protocol):
+    """What a worker's requests cost, in ms. ``workers.profiles.SimProfile`` is one.
+
+    ``prefill_ms``: a prefill-only pass over ``new_tokens`` after ``cached_tokens`` of context;
+    ``prefill_compute_ms``: the same without the per-pass overhead (what a prefill chunk adds to
+    a decode step it rides in); ``decode_step_ms``: one step of ``batch`` sequences holding
+    ``context_tokens`` in all; ``kv_transfer_ms``: moving that many bytes of KV cache between
+    workers; ``kv_bytes_per_token``: KV bytes per token of the whole model.
+    """
+
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+
+    def prefill_ms(self, new_tokens: int, cached_tokens: int = 0) -> float: ...
+
+    def prefill_compute_ms(self, new_tokens: int, cached_tokens: int) -> float: ...
+
+    def decode_step_ms(self, batch: int, context_tokens: int) -> float: ...
+
+    def kv_transfer_ms(self, num_bytes: int) -> float: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteRequest:
+    """One request to route: what it asks for and what it was promised."""
+
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    """Most tokens it may generate (its KV grows by this much on the decode worker)."""
+    block_hashes: tuple[int, ...] = ()
+    """Chained hashes of the prompt's full blocks (``hash_blocks``), for prefix matching."""
+    block_size: int
+    """Tokens per KV block, the size ``block_hashes`` and the workers' KV counts use."""
+    ttft_target_ms: float | None = None
+    """The SLA class's TTFT target (p95); None: no latency target (batch)."""
+    itl_target_ms: float | None = None
+    """The SLA class's inter-token latency target (p95); None: none."""
+    sla_class: str = ""
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0 or self.max_tokens < 0:
+            raise InvalidArgument("prompt_tokens and max_tokens must be >= 0")
+        if self.block_size < 1:
+            raise InvalidArgument(f"block_size must be >= 1, got {self.block_size}")
+        if len(self.block_hashes) * self.block_size > self.prompt_tokens:
+            raise InvalidArgument(
+                f"{len(self.block_hashes)} blocks of {self.block_size} tokens "
+                f"> prompt of {self.prompt_tokens} tokens"
+            )
+
+    @classmethod
+    def for_class(
+        cls,
+        sla: SlaClass,
+        *,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        block_size: int,
+        block_hashes: tuple[int, ...] = (),
+        tenant: str = "",
+    ) -> RouteRequest:
+        """A request of SLA class ``sla``: its TTFT and ITL targets come from the class."""
+        return cls(
+            model=model,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            block_hashes=block_hashes,
+            block_size=block_size,
+            ttft_target_ms=sla.ttft_p95_ms,
+            itl_target_ms=sla.itl_p95_ms,
+            sla_class=sla.name,
+            tenant=tenant,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        """The most context the request can reach: prompt + every token it may generate."""
+        return self.prompt_tokens + self.max_tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerState:
+    """One worker as the router sees it: its record, its last load report, this router's own
+    in-flight count and circuit state, and its timing model. Built by the shell (the gateway's
+    ``WorkerSnapshot`` plus the deployment's profile)."""
+
+    worker_id: str
+    model: str
+    role: str
+    """"prefill" | "decode" | "both"."""
+    timing: TimingModel
+    pool: str = ""
+    """The deployment pool the worker belongs to ("long_context", "decode", ...); "" unknown."""
+    serving: bool = True
+    """False while the worker drains."""
+    circuit_allows: bool = True
+    running: int = 0
+    waiting: int = 0
+    inflight_here: int = 0
+    """Requests this router has on the worker now (covers the time between two reports)."""
+    queued_prefill_tokens: int | None = None
+    """Prompt tokens waiting for prefill on the worker; None: unknown (see ``predict``)."""
+    batch_size: int = 0
+    """Sequences in the worker's decode batch now."""
+    context_tokens: int = 0
+    """Context tokens those sequences hold in all."""
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    """0: the worker reports no KV capacity (the KV filter and scorer then do not judge it)."""
+    max_context_tokens: int = 0
+    """0: unknown (the context-length filter passes it)."""
+
+    @property
+    def load(self) -> int:
+        return self.running + self.waiting + self.inflight_here
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return max(0, self.kv_blocks_total - self.kv_blocks_used)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A worker that passed every filter of a stage, with the predictions scorers read."""
+
+    worker: WorkerState
+    cached_blocks: int
+    """Leading prompt blocks the prefix index says the worker holds."""
+    cached_tokens: int
+    """Prompt tokens the worker need not prefill (at least one token is always computed)."""
+    ttft_ms: float
+    """Predicted time to first token if this worker prefills (``predict.ttft_ms``)."""
+    itl_ms: float
+    """Predicted inter-token latency if this worker decodes (``predict.itl_ms``)."""
+
+    @property
+    def worker_id(self) -> str:
+        return self.worker.worker_id
+
+
+@dataclass(frozen=True, slots=True)
+class RouteContext:
+    """What a stage's plugins may read besides the request and the workers."""
+
+    stage: Stage
+    cached_blocks: Mapping[str, int] = field(default_factory=dict)
+    """Prefix overlap per worker id (from the prefix index)."""
+    exclude: frozenset[str] = frozenset()
+    """Workers that already failed this request."""
+
+
+class Filter(Protocol):
+    """Removes workers that cannot serve a request in a stage (with reasons).
+
+    ``filter`` gets the workers still in the running (sorted by id) and returns those that
+    pass, in the same order; it sees the whole list, so a filter may depend on the others
+    (a long-context pool exists or not). ``reason`` is asked about each worker ``filter``
+    dropped: why not, without the worker id ("draining", "needs 90 KV blocks, 12 free").
+    """
+
+    name: str
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]: ...
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str: ...
+
+
+class Scorer(Protocol):
+    """Rates the candidates of a stage: one value in [0, 1] each, higher better, in order."""
+
+    name: str
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]: ...
+
+
+class Picker(Protocol):
+    """Chooses among scored candidates (sorted by worker id); returns an index into them.
+    Any randomness (ties, weighted draws) comes from ``rng``."""
+
+    name: str
+
+    def pick(
+        self, candidates: Sequence[Candidate], scores: Sequence[float], rng: random.Random
+    ) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingProfile:
+    """Which plugins run in a stage, with what weights. A candidate's score is the weighted
+    mean of its scorers' values, so it stays in [0, 1]."""
+
+    name: str
+    filters: tuple[Filter, ...]
+    scorers: tuple[WeightedScorer, ...]
+    picker: Picker
+
+    def __post_init__(self) -> None:
+        if any(ws.weight < 0 for ws in self.scorers):
+            raise InvalidArgument(f"routing profile {self.name}: a scorer weight is negative")
+        names = [ws.scorer.name for ws in self.scorers]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"routing profile {self.name}: scorer names repeat: {names}")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Each scorer's share of the total weight (sums to 1; all 0 when no weight)."""
+        total = sum(ws.weight for ws in self.scorers)
+        return tuple(ws.weight / total if total else 0.0 for ws in self.scorers)
+
+
+# --- results and traces ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why one worker cannot serve a stage; ``plugin`` is the filter that said so."""
+
+    worker_id: str
+    plugin: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.worker_id}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateScore:
+    """A candidate's total, each scorer's value (by name) and the predictions behind them."""
+
+    worker_id: str
+    total: float
+    scores: Mapping[str, float]
+    cached_blocks: int
+    ttft_ms: float
+    itl_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class StageTrace:
+    """Everything behind one stage's choice."""
+
+    stage: Stage
+    profile: str
+    rejections: tuple[Rejection, ...]
+    candidates: tuple[CandidateScore, ...]
+    """By worker id."""
+    weights: Mapping[str, float]
+    """Each scorer's normalised weight."""
+    chosen: str | None
+    """The picked worker id; None when no candidate passed."""
+
+    def candidate(self, worker_id: str) -> CandidateScore:
+        for c in self.candidates:
+            if c.worker_id == worker_id:
+                return c
+        raise KeyError(worker_id)
+
+    def deciders(self) -> tuple[str, ...]:
+        """The scorers that put the chosen worker ahead of the runner-up, largest weighted
+        margin first; empty when there was no contest (one candidate, or none)."""
+        if self.chosen is None or len(self.candidates) < 2:
+            return ()
+        best = self.candidate(self.chosen)
+        runner_up = max(
+            (c for c in self.candidates if c.worker_id != self.chosen), key=lambda c: c.total
+        )
+        margins = {
+            name: self.weights[name] * (best.scores[name] - runner_up.scores[name])
+            for name in self.weights
+        }
+        ahead = [(m, n) for n, m in margins.items() if m > 1e-12]
+        return tuple(n for _, n in sorted(ahead, key=lambda x: (-x[0], x[1])))
+
+    def lines(self) -> list[str]:
+        out = [f"{self.stage.value} ({self.profile}): chose {self.chosen or 'nothing'}"]
+        out += [f"  rejected {r} [{r.plugin}]" for r in self.rejections]
+        for c in self.candidates:
+            per = ", ".join(f"{n} {v:.2f}" for n, v in c.scores.items())
+            itl = f"itl {c.itl_ms:.1f} ms, " if self.stage is Stage.DECODE else ""
+            out.append(
+                f"  {c.worker_id}: {c.total:.3f} ({per}; ttft {c.ttft_ms:.1f} ms, {itl}"
+                f"{c.cached_blocks} cached blocks)"
+            )
+        if self.deciders():
+            out.append(f"  decided by {', '.join(self.deciders())}")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggregationVerdict:
+    """Whether the prefill runs on a remote prefill worker, and why (``router``'s rule)."""
+
+    remote: bool
+    reason: str
+    interference_ms: float = 0.0
+    """Prefill compute the local prefill would add to the decode batch's steps."""
+    itl_slack_ms: float = 0.0
+    """ITL target minus the decode worker's predicted step: room a local prefill may take."""
+    transfer_ms: float = 0.0
+    """Predicted KV transfer time of the prompt's cache from a prefill worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """A routing decision's full story: the decode stage, the local-or-remote verdict, and
+    the prefill stage when one ran."""
+
+    decode: StageTrace
+    disaggregation: DisaggregationVerdict | None = None
+    prefill: StageTrace | None = None
+
+    def plugins(self) -> tuple[str, ...]:
+        """Every plugin that rejected a worker or decided a pick, in stage order, once each."""
+        names: list[str] = []
+        for st in (self.decode, self.prefill):
+            if st is not None:
+                names += [r.plugin for r in st.rejections]
+                names += st.deciders()
+        return tuple(dict.fromkeys(names))
+
+    def explain(self) -> str:
+        """Lines for an SRE: "why was this routed there"."""
+        out = self.decode.lines()
+        if self.disaggregation is not None:
+            d = self.disaggregation
+            where = "remote" if d.remote else "local"
+            out.append(f"prefill {where}: {d.reason}")
+        if self.prefill is not None:
+            out += self.prefill.lines()
+        return "\n".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where the request goes: ``decode`` streams the tokens; ``prefill`` prefills first
+    (None: ``decode`` prefills itself)."""
+
+    decode: WorkerState
+    prefill: WorkerState | None
+    trace: Trace
+
+
+@dataclass(frozen=True, slots=True)
+class Unroutable:
+    """No worker can serve the request now; ``reasons`` name each worker's rejection."""
+
+    reasons: tuple[str, ...]
+    trace: Trace
+
+    def message(self, model: str) -> str:
+        why = "; ".join(self.reasons) if self.reasons else "no workers registered"
+        return f"no worker can serve model {model!r} now ({why})"

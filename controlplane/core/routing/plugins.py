@@ -1,0 +1,335 @@
+"""The stock routing plugins and the default profiles.
+
+Filters (each rejection says why, without the worker id; the pipeline prefixes it):
+
+* ``ExcludedFilter``       workers that already failed this request.
+* ``RoleFilter``           decode stage: decode or both; prefill stage: prefill.
+* ``ModelFilter``          the worker serves the request's model.
+* ``ServingFilter``        not draining, circuit not open.
+* ``ContextLengthFilter``  prompt + max_tokens (prefill stage: the prompt) fits the context.
+* ``LongContextFilter``    a prompt of at least the deployment's threshold goes only to the
+                           long-context pool when that pool has a usable worker.
+* ``KvHeadroomFilter``     enough free KV blocks for what the worker would hold.
+
+Scorers (each in [0, 1], higher better):
+
+* ``TtftScorer``           predicted TTFT against the class's target.
+* ``ItlScorer``            predicted ITL on the decode candidate against the class's target.
+* ``PrefixOverlapScorer``  fraction of the prompt's blocks the worker holds.
+* ``KvHeadroomScorer``     KV blocks left free after this request, as a fraction.
+* ``LoadBalanceScorer``    fewer requests on the worker.
+
+Picker: ``MaxScorePicker`` (ties: uniformly among them, from the injected rng).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from controlplane.core.routing.framework import (
+    BOTH,
+    DECODE,
+    PREFILL,
+    Candidate,
+    Filter,
+    RouteContext,
+    RouteRequest,
+    RoutingProfile,
+    Stage,
+    WeightedScorer,
+    WorkerState,
+)
+
+LONG_CONTEXT_POOL = "long_context"
+"""The pool name of ``controlplane.core.deployments.PoolRole.LONG_CONTEXT``."""
+
+# --- filters -----------------------------------------------------------------------------------
+
+
+class ExcludedFilter:
+    """Workers that already failed this request (the caller retries elsewhere)."""
+
+    name = "Excluded"
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        if not ctx.exclude:
+            return workers
+        return [w for w in workers if w.worker_id not in ctx.exclude]
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        return "failed this request"
+
+
+class RoleFilter:
+    """Decode stage: decode or both (an aggregated worker decodes too); prefill: prefill."""
+
+    name = "Role"
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        roles = (DECODE, BOTH) if ctx.stage is Stage.DECODE else (PREFILL,)
+        return [w for w in workers if w.role in roles]
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        return f"role {worker.role} does not {ctx.stage.value}"
+
+
+class ModelFilter:
+    """The worker serves the request's model."""
+
+    name = "Model"
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        return [w for w in workers if w.model == request.model]
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        return f"serves {worker.model!r}, not {request.model!r}"
+
+
+class ServingFilter:
+    """Draining workers and workers whose circuit is open take no new requests."""
+
+    name = "Serving"
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        return [w for w in workers if w.serving and w.circuit_allows]
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        return "draining" if not worker.serving else "circuit open"
+
+
+def _context_need(request: RouteRequest, stage: Stage) -> int:
+    # A prefill worker holds the prompt and makes one token; the decode worker holds it all.
+    return request.total_tokens if stage is Stage.DECODE else request.prompt_tokens + 1
+
+
+class ContextLengthFilter:
+    """The worker's context window holds what it would hold (0: unknown window, passes)."""
+
+    name = "ContextLength"
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        need = _context_need(request, ctx.stage)
+        return [w for w in workers if not w.max_context_tokens or need <= w.max_context_tokens]
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        need = _context_need(request, ctx.stage)
+        return f"context {need} tokens > max {worker.max_context_tokens}"
+
+
+class LongContextFilter:
+    """A prompt of ``threshold_tokens`` or more goes to the ``pool`` workers only, when any
+    is still in the running; with none, every worker stays (the KV filter then keeps those
+    with room). Shorter prompts are not affected."""
+
+    name = "LongContext"
+
+    def __init__(self, threshold_tokens: int, pool: str = LONG_CONTEXT_POOL) -> None:
+        self.threshold_tokens = threshold_tokens
+        self.pool = pool
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        if request.prompt_tokens < self.threshold_tokens:
+            return workers
+        in_pool = [w for w in workers if w.pool == self.pool]
+        return in_pool or workers
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        return (
+            f"prompt {request.prompt_tokens} tokens >= long-context threshold "
+            f"{self.threshold_tokens}: {self.pool} pool only"
+        )
+
+
+def blocks_needed(request: RouteRequest, stage: Stage, cached_blocks: int) -> int:
+    """New KV blocks a worker must allocate: what it would hold, less the prefix it has."""
+    tokens = request.total_tokens if stage is Stage.DECODE else request.prompt_tokens
+    return max(0, -(-tokens // request.block_size) - cached_blocks)
+
+
+class KvHeadroomFilter:
+    """Enough free KV blocks for the request: the prompt and every output token on a decode
+    worker, the prompt on a prefill worker; blocks it already caches need no room. A worker
+    reporting no capacity (``kv_blocks_total == 0``) passes."""
+
+    name = "KvHeadroom"
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        return [w for w in workers if self._fits(request, w, ctx)]
+
+    def _fits(self, request: RouteRequest, w: WorkerState, ctx: RouteContext) -> bool:
+        if not w.kv_blocks_total:
+            return True
+        need = blocks_needed(request, ctx.stage, ctx.cached_blocks.get(w.worker_id, 0))
+        return need <= w.kv_blocks_free
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        need = blocks_needed(request, ctx.stage, ctx.cached_blocks.get(worker.worker_id, 0))
+        return f"needs {need} KV blocks, {worker.kv_blocks_free} free"
+
+
+# --- scorers -----------------------------------------------------------------------------------
+
+
+def headroom(predicted_ms: Sequence[float], target_ms: float | None) -> list[float]:
+    """``1 - predicted / target`` clamped to [0, 1]: 1 at no latency, 0 at or over the target.
+
+    With no target (a batch class) the candidates are rated against the fastest one:
+    ``fastest / predicted`` (1 for the fastest; a zero prediction is 1).
+    """
+    if target_ms is not None:
+        return [min(1.0, max(0.0, 1.0 - p / target_ms)) for p in predicted_ms]
+    fastest = min(predicted_ms, default=0.0)
+    return [1.0 if p <= 0 else fastest / p for p in predicted_ms]
+
+
+class TtftScorer:
+    """Predicted TTFT (``Candidate.ttft_ms``: queue, uncached prefill, KV transfer on a remote
+    prefill) against the request's TTFT target; see ``headroom``."""
+
+    name = "TtftHeadroom"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        return headroom([c.ttft_ms for c in candidates], request.ttft_target_ms)
+
+
+class ItlScorer:
+    """Predicted ITL on the decode candidate (``Candidate.itl_ms``: one step with this
+    request in the batch) against the request's ITL target; see ``headroom``."""
+
+    name = "ItlHeadroom"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        return headroom([c.itl_ms for c in candidates], request.itl_target_ms)
+
+
+class PrefixOverlapScorer:
+    """Fraction of the prompt's full blocks the worker holds (0 for a prompt with none)."""
+
+    name = "PrefixOverlap"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        blocks = len(request.block_hashes)
+        if not blocks:
+            return [0.0] * len(candidates)
+        return [min(1.0, c.cached_blocks / blocks) for c in candidates]
+
+
+class KvHeadroomScorer:
+    """Free KV blocks left after this request, as a fraction of the worker's capacity. A
+    worker that reports no capacity is not penalised (1), as the filter lets it pass."""
+
+    name = "KvHeadroom"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        out: list[float] = []
+        for c in candidates:
+            w = c.worker
+            if not w.kv_blocks_total:
+                out.append(1.0)
+                continue
+            left = w.kv_blocks_free - blocks_needed(request, ctx.stage, c.cached_blocks)
+            out.append(min(1.0, max(0.0, left / w.kv_blocks_total)))
+        return out
+
+
+class LoadBalanceScorer:
+    """``1 / (1 + load)``, load = running + waiting + in flight from this router."""
+
+    name = "LoadBalance"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        return [1.0 / (1 + c.worker.load) for c in candidates]
+
+
+# --- pickers -----------------------------------------------------------------------------------
+
+
+class MaxScorePicker:
+    """Highest score; ties (scores within 1e-9) uniformly among them, from ``rng``."""
+
+    name = "MaxScore"
+
+    def pick(
+        self, candidates: Sequence[Candidate], scores: Sequence[float], rng: random.Random
+    ) -> int:
+        top = max(scores)
+        tied = [i for i, s in enumerate(scores) if s >= top - 1e-9]
+        return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+# --- profiles ----------------------------------------------------------------------------------
+
+
+def default_decode_profile(long_context_threshold_tokens: int | None = None) -> RoutingProfile:
+    """Decode stage: ITL 3, TTFT 2 (if it prefills itself), prefix 2, KV headroom 1, load 1.
+
+    ITL weighs most because the decode worker sets every token's latency; TTFT and prefix
+    pull requests to a worker that can prefill them cheaply (and then often does, see the
+    router's local-prefill rule); KV headroom and load spread the rest.
+    """
+    return RoutingProfile(
+        name="decode",
+        filters=default_filters(long_context_threshold_tokens),
+        scorers=(
+            WeightedScorer(ItlScorer(), 3.0),
+            WeightedScorer(TtftScorer(), 2.0),
+            WeightedScorer(PrefixOverlapScorer(), 2.0),
+            WeightedScorer(KvHeadroomScorer(), 1.0),
+            WeightedScorer(LoadBalanceScorer(), 1.0),
+        ),
+        picker=MaxScorePicker(),
+    )
+
+
+def default_prefill_profile(long_context_threshold_tokens: int | None = None) -> RoutingProfile:
+    """Prefill stage: predicted TTFT 4 (already counts the prefix hit), prefix 1, load 1."""
+    return RoutingProfile(
+        name="prefill",
+        filters=default_filters(long_context_threshold_tokens),
+        scorers=(
+            WeightedScorer(TtftScorer(), 4.0),
+            WeightedScorer(PrefixOverlapScorer(), 1.0),
+            WeightedScorer(LoadBalanceScorer(), 1.0),
+        ),
+        picker=MaxScorePicker(),
+    )
+
+
+def default_filters(long_context_threshold_tokens: int | None = None) -> tuple[Filter, ...]:
+    """The filters both stages run, in order (a worker's reason is its first filter's)."""
+    out: list[Filter] = [
+        ExcludedFilter(),
+        RoleFilter(),
+        ModelFilter(),
+        ServingFilter(),
+        ContextLengthFilter(),
+    ]
+    if long_context_threshold_tokens is not None:
+        out.append(LongContextFilter(long_context_threshold_tokens))
+    out.append(KvHeadroomFilter())
+    return tuple(out)

@@ -1,0 +1,71 @@
+"""The router's timing predictions, from a worker's ``TimingModel``. Pure arithmetic.
+
+* ``queue_ms``: the prefill work waiting ahead on the worker. With ``queued_prefill_tokens``
+  known, ``waiting`` prompts of the mean queued size, each a prefill pass of its own; unknown,
+  each waiting request is assumed to be as long as this one.
+* ``ttft_ms``, decode stage (the worker prefills locally): queue + the uncached part of the
+  prompt's prefill + one decode step of its current batch (the prefill rides in a step of that
+  batch; an idle worker has none).
+* ``ttft_ms``, prefill stage (remote): queue + the uncached prefill + moving the whole prompt's
+  KV cache to the decode worker.
+* ``itl_ms``: one decode step with this request joined: ``decode_step_ms(batch + 1, context
+  + prompt)``.
+* ``interference_ms``: the prefill compute a local prefill adds to the decode batch's steps
+  (chunked prefill spreads it over steps; the sum is the same).
+
+A prompt is never fully cached: engines always compute at least its last token, so
+``cached_tokens`` is capped at ``prompt_tokens - 1``.
+"""
+
+from __future__ import annotations
+
+from controlplane.core.routing.framework import RouteRequest, Stage, WorkerState
+
+
+def cached_tokens(request: RouteRequest, cached_blocks: int) -> int:
+    """Prompt tokens a worker holding ``cached_blocks`` leading blocks need not prefill."""
+    return max(0, min(cached_blocks * request.block_size, request.prompt_tokens - 1))
+
+
+def queue_ms(request: RouteRequest, worker: WorkerState) -> float:
+    """Predicted wait for the prefills queued ahead of this request on ``worker``."""
+    t = worker.timing
+    queued = worker.queued_prefill_tokens
+    if queued is None:
+        return worker.waiting * t.prefill_ms(request.prompt_tokens, 0)
+    if queued <= 0:
+        return 0.0
+    prompts = max(worker.waiting, 1)
+    return prompts * t.prefill_ms(-(-queued // prompts), 0)
+
+
+def transfer_ms(request: RouteRequest, worker: WorkerState) -> float:
+    """Moving the prompt's KV cache between two workers (``worker``'s link model)."""
+    t = worker.timing
+    return t.kv_transfer_ms(request.prompt_tokens * t.kv_bytes_per_token)
+
+
+def own_prefill_ms(request: RouteRequest, worker: WorkerState, cached: int) -> float:
+    return worker.timing.prefill_ms(request.prompt_tokens - cached, cached)
+
+
+def ttft_ms(request: RouteRequest, worker: WorkerState, cached: int, stage: Stage) -> float:
+    """Predicted time to first token when ``worker`` prefills (see the module docstring)."""
+    base = queue_ms(request, worker) + own_prefill_ms(request, worker, cached)
+    if stage is Stage.PREFILL:
+        return base + transfer_ms(request, worker)
+    if worker.batch_size > 0:
+        base += worker.timing.decode_step_ms(worker.batch_size, worker.context_tokens)
+    return base
+
+
+def itl_ms(request: RouteRequest, worker: WorkerState) -> float:
+    """Predicted decode step once this request joins ``worker``'s batch."""
+    return worker.timing.decode_step_ms(
+        worker.batch_size + 1, worker.context_tokens + request.prompt_tokens
+    )
+
+
+def interference_ms(request: RouteRequest, worker: WorkerState, cached: int) -> float:
+    """Compute a local prefill on ``worker`` adds to its decode batch's steps."""
+    return worker.timing.prefill_compute_ms(request.prompt_tokens - cached, cached)

@@ -1,0 +1,279 @@
+"""The SLA-aware router: decode worker first, then local or remote prefill. Pure, synchronous.
+
+Theory of operation
+-------------------
+``SlaAwareRouter.decide(request, workers, rng)`` runs, over a snapshot of the model's workers:
+
+1. **prefix lookup**: the prefix index gives each worker's overlap with the prompt's leading
+   blocks (``index.PrefixIndex.overlaps``), once for both stages;
+2. **decode stage** (``Stage.DECODE``, the decode profile): filters, then every survivor
+   (decode or both) becomes a ``Candidate`` with its predictions as if it also prefilled
+   (``predict.ttft_ms``, ``predict.itl_ms``), scorers rate them, the picker chooses ``D``. No
+   candidate: ``Unroutable`` with every worker's reason;
+3. **conditional disaggregation**: the prefill stays on ``D`` unless a remote prefill is worth
+   it (below); if it may be, the **prefill stage** (``Stage.PREFILL``, prefill workers, the
+   prefill profile: predicted TTFT incl. the KV transfer, prefix overlap) picks ``P``.
+
+The local-or-remote rule. A local prefill costs the requests ``D`` is decoding: its compute
+rides in their steps (``interference_ms``, ``predict``); a remote one costs this request the KV
+hand-off (``transfer_ms``). Both come from the workers' timing models, so the cut-over moves
+with the model, the hardware, ``D``'s batch and the prefix ``D`` already holds; there is no
+prompt-length constant. The prefill is **remote** only when every one of these holds, checked
+in order (the first that fails keeps it local, and the trace says which):
+
+a. the caller did not ask for an aggregated route, and the model has a prefill worker;
+b. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill delays no one;
+c. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` (the
+   request's class target; no target, no slack): a prefill that fits would keep even a step
+   carrying all of it under the target. Short prompts, and long ones mostly cached on ``D``,
+   stop here;
+d. the interference exceeds the transfer: the hand-off must cost less than what it saves;
+e. some prefill worker passes the prefill stage's filters;
+f. the remote prefill would not miss a TTFT target that the local one meets (``P``'s
+   predicted TTFT, with the transfer, against ``D``'s local one).
+
+With ``llama-3.1-8b-h100`` and the interactive class (ITL 50 ms) beside a batch of 16 at 1k
+context, (c) keeps prompts up to about 1.3k uncached tokens local.
+
+**Long context**: with ``long_context_threshold_tokens`` set, a prompt at or above it goes only
+to workers of the ``long_context`` pool, in both stages, whenever the pool has a usable worker;
+otherwise to any worker with KV room (``LongContextFilter`` then ``KvHeadroomFilter``).
+
+``decide`` is a pure read. ``route`` is ``decide`` plus the index update: the chosen workers
+are assumed to hold the prompt's blocks from now on (``PrefixIndex.record_route``), so the next
+request with the same prefix follows before any KV event arrives. Ties between equal scores are
+broken by the injected ``rng``, so a seeded ``random.Random`` reproduces every decision.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from controlplane.core.routing import predict
+from controlplane.core.routing.framework import (
+    PREFILL,
+    Candidate,
+    CandidateScore,
+    Decision,
+    DisaggregationVerdict,
+    Rejection,
+    RouteContext,
+    RouteRequest,
+    RoutingProfile,
+    Stage,
+    StageTrace,
+    Trace,
+    Unroutable,
+    WorkerState,
+)
+from controlplane.core.routing.index import PrefixIndex
+from controlplane.core.routing.plugins import default_decode_profile, default_prefill_profile
+
+
+class SlaAwareRouter:
+    """See the module docstring. Holds the prefix index; everything else comes in per call."""
+
+    def __init__(
+        self,
+        index: PrefixIndex | None = None,
+        *,
+        decode_profile: RoutingProfile | None = None,
+        prefill_profile: RoutingProfile | None = None,
+        long_context_threshold_tokens: int | None = None,
+    ) -> None:
+        self.index = index if index is not None else PrefixIndex()
+        self.decode_profile = decode_profile or default_decode_profile(
+            long_context_threshold_tokens
+        )
+        self.prefill_profile = prefill_profile or default_prefill_profile(
+            long_context_threshold_tokens
+        )
+
+    def route(
+        self,
+        request: RouteRequest,
+        workers: Sequence[WorkerState],
+        rng: random.Random,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        aggregated: bool = False,
+    ) -> Decision | Unroutable:
+        """``decide``, then record the chosen workers as holding the prompt's blocks."""
+        decision = self.decide(request, workers, rng, exclude=exclude, aggregated=aggregated)
+        if isinstance(decision, Decision) and request.block_hashes:
+            self.index.record_route(decision.decode.worker_id, request.block_hashes)
+            if decision.prefill is not None:
+                self.index.record_route(decision.prefill.worker_id, request.block_hashes)
+        return decision
+
+    def decide(
+        self,
+        request: RouteRequest,
+        workers: Sequence[WorkerState],
+        rng: random.Random,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        aggregated: bool = False,
+    ) -> Decision | Unroutable:
+        """Where ``request`` should go among ``workers`` (all of its model, or filtered out);
+        ``exclude``: workers that failed it; ``aggregated``: no remote prefill."""
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        cached = self.index.overlaps(request.block_hashes, (w.worker_id for w in ordered))
+        decode_ctx = RouteContext(Stage.DECODE, cached, exclude)
+        d, decode_trace = run_stage(self.decode_profile, request, ordered, decode_ctx, rng)
+        if d is None:
+            reasons = tuple(str(r) for r in decode_trace.rejections)
+            return Unroutable(reasons, Trace(decode_trace))
+
+        verdict = local_prefill_verdict(
+            request, d, aggregated=aggregated, has_prefill=any(w.role == PREFILL for w in ordered)
+        )
+        if verdict.remote is False:
+            return Decision(d.worker, None, Trace(decode_trace, verdict))
+
+        prefill_ctx = RouteContext(Stage.PREFILL, cached, exclude)
+        p, prefill_trace = run_stage(self.prefill_profile, request, ordered, prefill_ctx, rng)
+        verdict = remote_prefill_verdict(request, d, p, verdict)
+        trace = Trace(decode_trace, verdict, prefill_trace)
+        if p is None or not verdict.remote:
+            return Decision(d.worker, None, trace)
+        return Decision(d.worker, p.worker, trace)
+
+
+def candidate(
+    request: RouteRequest, worker: WorkerState, cached_blocks: int, stage: Stage
+) -> Candidate:
+    """A filtered worker with its predictions for ``stage`` (see ``predict``)."""
+    cached = predict.cached_tokens(request, cached_blocks)
+    return Candidate(
+        worker=worker,
+        cached_blocks=cached_blocks,
+        cached_tokens=cached,
+        ttft_ms=predict.ttft_ms(request, worker, cached, stage),
+        itl_ms=predict.itl_ms(request, worker),
+    )
+
+
+def run_stage(
+    profile: RoutingProfile,
+    request: RouteRequest,
+    workers: Sequence[WorkerState],
+    ctx: RouteContext,
+    rng: random.Random,
+) -> tuple[Candidate | None, StageTrace]:
+    """One filter -> score -> pick pass over ``workers`` (sorted by id); always traced."""
+    rejections: list[Rejection] = []
+    alive: Sequence[WorkerState] = workers
+    for f in profile.filters:
+        if not alive:
+            break
+        kept = f.filter(request, alive, ctx)
+        kept_ids = {w.worker_id for w in kept}
+        rejections += (
+            Rejection(w.worker_id, f.name, f.reason(request, w, ctx))
+            for w in alive
+            if w.worker_id not in kept_ids
+        )
+        alive = kept
+    candidates = [
+        candidate(request, w, ctx.cached_blocks.get(w.worker_id, 0), ctx.stage) for w in alive
+    ]
+    weights = profile.weights
+    names = tuple(ws.scorer.name for ws in profile.scorers)
+    per_scorer: list[Sequence[float]] = []
+    totals = [0.0] * len(candidates)
+    if candidates:
+        for ws, weight in zip(profile.scorers, weights, strict=True):
+            values = ws.scorer.score(request, candidates, ctx)
+            if len(values) != len(candidates):
+                raise ValueError(f"scorer {ws.scorer.name} returned a wrong-sized list")
+            per_scorer.append(values)
+            totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
+    columns = dict(zip(names, per_scorer, strict=True)) if candidates else {}
+    chosen = profile.picker.pick(candidates, totals, rng) if candidates else None
+    scored = tuple(
+        CandidateScore(
+            worker_id=c.worker_id,
+            total=totals[i],
+            scores=MappingProxyType({n: float(v[i]) for n, v in columns.items()}),
+            cached_blocks=c.cached_blocks,
+            ttft_ms=c.ttft_ms,
+            itl_ms=c.itl_ms,
+        )
+        for i, c in enumerate(candidates)
+    )
+    weight_map: Mapping[str, float] = MappingProxyType(dict(zip(names, weights, strict=True)))
+    trace = StageTrace(
+        stage=ctx.stage,
+        profile=profile.name,
+        rejections=tuple(sorted(rejections, key=lambda r: r.worker_id)),
+        candidates=scored,
+        weights=weight_map,
+        chosen=None if chosen is None else candidates[chosen].worker_id,
+    )
+    return (None if chosen is None else candidates[chosen]), trace
+
+
+def local_prefill_verdict(
+    request: RouteRequest, decode: Candidate, *, aggregated: bool, has_prefill: bool
+) -> DisaggregationVerdict:
+    """Rules (a)-(d) of the module docstring: ``remote=False`` keeps the prefill on ``decode``;
+    ``remote=True`` means only that a remote prefill may be worth it (rules (e), (f) follow)."""
+    if aggregated:
+        return DisaggregationVerdict(False, "aggregated route asked for")
+    if not has_prefill:
+        return DisaggregationVerdict(False, "no prefill worker")
+    w = decode.worker
+    interference = predict.interference_ms(request, w, decode.cached_tokens)
+    transfer = predict.transfer_ms(request, w)
+    target = request.itl_target_ms
+    slack = 0.0 if target is None else target - decode.itl_ms
+    numbers = {"interference_ms": interference, "itl_slack_ms": slack, "transfer_ms": transfer}
+    if w.batch_size <= 0:
+        return DisaggregationVerdict(False, "decode batch empty: delays no one", **numbers)
+    if interference <= slack:
+        return DisaggregationVerdict(
+            False,
+            f"prefill {interference:.1f} ms fits the ITL slack {slack:.1f} ms "
+            f"({decode.cached_blocks} blocks cached on {w.worker_id})",
+            **numbers,
+        )
+    if interference <= transfer:
+        return DisaggregationVerdict(
+            False, f"prefill {interference:.1f} ms <= KV transfer {transfer:.1f} ms", **numbers
+        )
+    return DisaggregationVerdict(
+        True,
+        f"prefill {interference:.1f} ms > ITL slack {slack:.1f} ms and "
+        f"> KV transfer {transfer:.1f} ms",
+        **numbers,
+    )
+
+
+def remote_prefill_verdict(
+    request: RouteRequest,
+    decode: Candidate,
+    prefill: Candidate | None,
+    verdict: DisaggregationVerdict,
+) -> DisaggregationVerdict:
+    """Rules (e) and (f) on top of a ``remote=True`` verdict from ``local_prefill_verdict``."""
+    numbers = {
+        "interference_ms": verdict.interference_ms,
+        "itl_slack_ms": verdict.itl_slack_ms,
+        "transfer_ms": verdict.transfer_ms,
+    }
+    if prefill is None:
+        return DisaggregationVerdict(False, "no prefill worker can take it", **numbers)
+    target = request.ttft_target_ms
+    if target is not None and prefill.ttft_ms > target >= decode.ttft_ms:
+        return DisaggregationVerdict(
+            False,
+            f"remote TTFT {prefill.ttft_ms:.1f} ms on {prefill.worker_id} would miss the "
+            f"{target:.0f} ms target; local {decode.ttft_ms:.1f} ms meets it",
+            **numbers,
+        )
+    return DisaggregationVerdict(
+        True, f"{verdict.reason}; remote TTFT {prefill.ttft_ms:.1f} ms", **numbers
+    )

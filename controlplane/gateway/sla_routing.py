@@ -1,0 +1,129 @@
+"""The gateway's adapter over the SLA-aware router core (``controlplane.core.routing``).
+
+Not wired in yet: the request path (``pipeline.py``) still calls ``Router.route``. This class
+is the seam it will call instead, once it passes the request:
+
+* ``route_request(request, snapshots, exclude=..., aggregated=...)`` -> ``(Route | NoRoute,
+  Trace)``: converts the gateway's ``WorkerSnapshot`` s to the core's ``WorkerState`` s (the
+  timing model and pool come from callables the composition root supplies, e.g. the
+  deployment's sim profile and pool role), runs ``SlaAwareRouter.route`` with this adapter's
+  own ``random.Random``, and maps the decision back to snapshots;
+* ``route(...)``: the plain ``Router`` protocol, for callers that have no request to describe;
+  without a prompt and SLA targets there is nothing to predict with, so it falls back to
+  ``LeastLoadedRouter``;
+* ``apply_kv_events`` / ``forget_worker``: what the ``WatchStats`` streams and the worker
+  watch feed into the prefix index.
+
+The core is pure; the state here is the index and the rng, both touched only on the event
+loop's thread (no locks needed).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from controlplane.core.routing import (
+    Decision,
+    RouteRequest,
+    SlaAwareRouter,
+    TimingModel,
+    Trace,
+    WorkerState,
+)
+from controlplane.gateway.routing import LeastLoadedRouter, NoRoute, Route, WorkerSnapshot
+
+
+class KvEventLike(Protocol):
+    """``workers.engine.KvEvent`` as decoded from a ``WatchStats`` message."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def block_hashes(self) -> tuple[int, ...]: ...
+
+
+def worker_state(
+    snapshot: WorkerSnapshot, *, model: str, timing: TimingModel, pool: str = ""
+) -> WorkerState:
+    """The core's view of one gateway snapshot. The snapshot reports no batch context or
+    queued prefill tokens yet: the batch is taken as its running requests, the context and
+    the queue as unknown (see ``controlplane.core.routing.predict``)."""
+    return WorkerState(
+        worker_id=snapshot.worker_id,
+        model=model,
+        role=snapshot.role,
+        timing=timing,
+        pool=pool,
+        serving=snapshot.serving,
+        circuit_allows=snapshot.circuit_allows,
+        running=snapshot.running,
+        waiting=snapshot.waiting,
+        inflight_here=snapshot.inflight_here,
+        batch_size=snapshot.running,
+        kv_blocks_used=snapshot.kv_blocks_used,
+        kv_blocks_total=snapshot.kv_blocks_total,
+        max_context_tokens=snapshot.max_context_tokens,
+    )
+
+
+class SlaGatewayRouter:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        core: SlaAwareRouter,
+        *,
+        timing_for: Callable[[str, WorkerSnapshot], TimingModel],
+        pool_for: Callable[[WorkerSnapshot], str] = lambda s: "",
+        rng: random.Random,
+    ) -> None:
+        self.core = core
+        self._timing_for = timing_for
+        self._pool_for = pool_for
+        self._rng = rng
+        self._fallback = LeastLoadedRouter()
+
+    def route(
+        self,
+        workers: Sequence[WorkerSnapshot],
+        *,
+        exclude: frozenset[str] = frozenset(),
+        aggregated: bool = False,
+    ) -> Route | NoRoute:
+        """The ``Router`` protocol without a request: least loaded (nothing to predict)."""
+        return self._fallback.route(workers, exclude=exclude, aggregated=aggregated)
+
+    def route_request(
+        self,
+        request: RouteRequest,
+        workers: Sequence[WorkerSnapshot],
+        *,
+        exclude: frozenset[str] = frozenset(),
+        aggregated: bool = False,
+    ) -> tuple[Route | NoRoute, Trace]:
+        """Route ``request`` over ``workers`` (all of ``request.model``)."""
+        by_id = {w.worker_id: w for w in workers}
+        states = [
+            worker_state(
+                w,
+                model=request.model,
+                timing=self._timing_for(request.model, w),
+                pool=self._pool_for(w),
+            )
+            for w in workers
+        ]
+        out = self.core.route(request, states, self._rng, exclude=exclude, aggregated=aggregated)
+        if isinstance(out, Decision):
+            prefill = by_id[out.prefill.worker_id] if out.prefill is not None else None
+            return Route(decode=by_id[out.decode.worker_id], prefill=prefill), out.trace
+        return NoRoute(out.reasons), out.trace
+
+    def apply_kv_events(self, worker_id: str, events: Iterable[KvEventLike]) -> None:
+        for e in events:
+            self.core.index.apply_event(worker_id, e.kind, e.block_hashes)
+
+    def forget_worker(self, worker_id: str) -> None:
+        self.core.index.forget_worker(worker_id)
