@@ -118,6 +118,21 @@ def model_not_found(model: str, detail: str) -> ApiError:
 
 _STRICT = ConfigDict(extra="ignore", strict=True)
 PositiveInt = Annotated[int, Field(ge=1)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""What the Worker API's int64 fields hold (a larger seed was a 500, not a 400)."""
+SlaClassName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description=(
+            "The gateway's SLA class for this request (e.g. interactive, standard, batch); "
+            "wins over the X-SLA-Class header; left out: the header, else the tenant's default. "
+            "Unknown: 400; not allowed for the tenant: 403. A one-engine server ignores it."
+        ),
+    ),
+]
 
 
 class StreamOptions(BaseModel):
@@ -144,7 +159,7 @@ class _SamplingFields(BaseModel):
     max_tokens: PositiveInt | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -153,6 +168,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: int | None = None  # accepted and not enforced: the sim emits no EOS by itself
     kv_transfer_params: KvTransferParams | None = None
+    sla_class: SlaClassName | None = None
 
 
 class CompletionRequest(_SamplingFields):

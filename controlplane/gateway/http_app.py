@@ -37,6 +37,7 @@ from workers.openai_protocol import (
     ClientGone,
     CompletionRequest,
     Exchange,
+    GenerationRequest,
     Receive,
     ResponseSpec,
     Scope,
@@ -248,7 +249,7 @@ class GatewayApp:
                         route=scope["path"],
                         prompt_tokens=len(prepared.prompt),
                         max_tokens=prepared.sampling.max_tokens,
-                        sla_class=(header(scope, b"x-sla-class") or b"").decode("latin-1"),
+                        sla_class=_sla_class(req, scope),
                     )
                 )
                 self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt))
@@ -294,6 +295,14 @@ class GatewayApp:
         finally:
             if ticket is not None:
                 self.gate.release(ticket, progress.tokens)
+
+
+def _sla_class(req: GenerationRequest, scope: Scope) -> str:
+    """The requested SLA class: the body's ``sla_class`` wins over the ``X-SLA-Class`` header
+    ("" = neither: the tenant's default)."""
+    if req.sla_class is not None:
+        return req.sla_class
+    return (header(scope, b"x-sla-class") or b"").decode("latin-1")
 
 
 def _check_content_type(scope: Scope) -> None:

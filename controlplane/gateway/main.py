@@ -101,7 +101,7 @@ async def run_gateway(
             ]
             return settings.slots_per_worker * len(decoding)
 
-        tenant_gate = TenantGate(tenants, capacity)
+        tenant_gate = TenantGate(tenants, capacity, metrics=metrics)
         background.append(asyncio.create_task(tenant_gate.run(), name="admission"))
         gate = tenant_gate
     elif gate is None and settings.auth == "none":

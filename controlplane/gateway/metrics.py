@@ -71,6 +71,19 @@ class GatewayMetrics:
         self.generation_tokens = Counter(
             "switchboard_gateway_generation_tokens", "Tokens streamed.", ["model"], registry=r
         )
+        self.admission_queued = Counter(
+            "switchboard_gateway_admission_queued",
+            "Requests that waited in the admission queue (no free slot, or the tenant was at its"
+            " max_concurrent), by model, tenant and SLA class.",
+            ["model", "tenant", "sla_class"],
+            registry=r,
+        )
+        self.admission_queue_depth = Gauge(
+            "switchboard_gateway_admission_queue_depth",
+            "Requests waiting in the admission queue now.",
+            ["model"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "switchboard_gateway_client_disconnects",
             "Requests whose client went away before the answer was complete.",

@@ -4,7 +4,8 @@
    request path); no or a wrong key is ``Unauthenticated`` (401). A model the tenant may not use
    is answered as if it did not exist (404, "does not exist or you do not have access to it", as
    OpenAI does), so tenants cannot probe each other's models; ``/v1/models`` lists only the
-   tenant's. An SLA class the tenant may not use is ``PermissionDenied`` (403).
+   tenant's. A requested SLA class (body ``sla_class`` or ``X-SLA-Class``) that does not exist
+   is ``InvalidArgument`` (400), one the tenant may not use ``PermissionDenied`` (403).
 2. **When**: one pure ``AdmissionController`` per model (controlplane/core/admission.py) applies
    the tenant's requests/min, tokens/min and max-concurrent quotas, and queues requests while
    the model's capacity is in use — by class priority, then fair share of tokens served between
@@ -13,7 +14,8 @@
    ``Retry-After`` where the core gives one; RESOURCE_EXHAUSTED over gRPC) with the reason.
    A client that leaves while queued is taken out of the queue; ``release`` charges the tokens
    actually served and hands freed slots to the queue. ``run`` expires overdue queued requests
-   every ``expire_interval_s``.
+   every ``expire_interval_s``. With ``metrics``: requests that had to queue, per model,
+   tenant and class, and the queue depth per model.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from controlplane.core.tenants import Tenant, resolve_sla_class, tenant_allows_m
 from controlplane.errors import InvalidArgument, NotFound, Unauthenticated
 from controlplane.gateway.errors import RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext
+from controlplane.gateway.metrics import GatewayMetrics
 
 
 class TenantLookup(Protocol):
@@ -57,6 +60,7 @@ class TenantGate:
         config: AdmissionConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         expire_interval_s: float = 0.1,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.tenants = tenants
         self.capacity = capacity
@@ -64,6 +68,7 @@ class TenantGate:
         self.config = config or AdmissionConfig()
         self.clock = clock
         self.expire_interval_s = expire_interval_s
+        self.metrics = metrics
         self._controllers: dict[str, AdmissionController] = {}
         self._running: dict[str, int] = {}
         self._waiting: dict[str, tuple[str, asyncio.Future[Admitted]]] = {}
@@ -93,6 +98,10 @@ class TenantGate:
             self._controllers[model] = ctl
         return ctl
 
+    def _unknown_class(self, name: str) -> InvalidArgument:
+        known = ", ".join(sorted(self.classes))
+        return InvalidArgument(f"unknown SLA class {name[:70]!r} (known: {known})")
+
     def _free(self, model: str) -> int:
         return max(0, self.capacity(model) - self._running.get(model, 0))
 
@@ -100,9 +109,11 @@ class TenantGate:
         tenant = self.tenant(ctx.api_key)
         if not tenant_allows_model(tenant, ctx.model):
             raise model_hidden(ctx.model)
+        if ctx.sla_class and ctx.sla_class not in self.classes:  # 400 before 403
+            raise self._unknown_class(ctx.sla_class)
         sla = resolve_sla_class(tenant, ctx.sla_class or None)
-        if sla not in self.classes:
-            raise InvalidArgument(f"unknown SLA class {sla!r}; known: {sorted(self.classes)}")
+        if sla not in self.classes:  # the tenant's default
+            raise self._unknown_class(sla)
         ctl = self._controller(ctx.model)
         now = self.clock()
         request = AdmissionRequest(
@@ -126,6 +137,8 @@ class TenantGate:
         if isinstance(outcome, Rejected):
             raise _rate_limited(outcome)
         assert isinstance(outcome, Queued)
+        if self.metrics is not None:
+            self.metrics.admission_queued.labels(ctx.model, tenant.name, sla).inc()
         if outcome.evicted is not None:
             self._reject_waiter(outcome.evicted)
         future: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
@@ -159,9 +172,7 @@ class TenantGate:
         if ctl is None:
             return
         free = self._free(model)
-        if free <= 0:
-            return
-        for outcome in ctl.on_capacity(self.clock(), free):
+        for outcome in ctl.on_capacity(self.clock(), free) if free > 0 else ():
             if isinstance(outcome, Admitted):
                 waiter = self._waiting.pop(outcome.request_id, None)
                 if waiter is None or waiter[1].done():  # its client left: give the slot back
@@ -171,6 +182,8 @@ class TenantGate:
                 waiter[1].set_result(outcome)
             else:
                 self._reject_waiter(outcome)
+        if self.metrics is not None:  # also refreshed by ``run`` every expire_interval_s
+            self.metrics.admission_queue_depth.labels(model).set(ctl.stats().queued)
 
     def _reject_waiter(self, rejected: Rejected) -> None:
         waiter = self._waiting.pop(rejected.request_id, None)

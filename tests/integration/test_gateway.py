@@ -110,7 +110,9 @@ def apply_deployment(etcd_endpoint: str, model_path: Path) -> None:
     asyncio.run(run())
 
 
-def start_gateway(tmp: Path, etcd_endpoint: str) -> tuple[ManagedProcess, int, int]:
+def start_gateway(
+    tmp: Path, etcd_endpoint: str, extra: list[str] | None = None
+) -> tuple[ManagedProcess, int, int]:
     port_file = tmp / "gateway.port"
     argv = [
         PYTHON, "-m", "controlplane", "gateway",
@@ -119,6 +121,7 @@ def start_gateway(tmp: Path, etcd_endpoint: str) -> tuple[ManagedProcess, int, i
         "--grpc-listen", "127.0.0.1:0",
         "--port-file", str(port_file),
         "--drain-timeout", "10",
+        *(extra or []),
     ]  # fmt: skip
     proc = ManagedProcess("gateway", argv, tmp / "gateway.log").start()
 
