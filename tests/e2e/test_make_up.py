@@ -12,7 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +30,18 @@ from tests.helpers import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
+
+
+def _post(request: urllib.request.Request) -> dict[str, Any] | None:
+    """The JSON answer, or None while the gateway is not ready (503 / no route yet)."""
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+            return result
+    except urllib.error.HTTPError as e:
+        if e.code == 503:
+            return None
+        raise
 
 
 def list_workers(endpoint: str) -> dict[str, WorkerRecord]:
@@ -118,6 +133,22 @@ def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) 
             )
         assert sum(len(c.token_ids) for c in chunks) == 7
         assert chunks[-1].finish_reason == "length"
+
+        # the README's request: the gateway with the demo tenant's key
+        key = (state / "demo-api-key").read_text().strip()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+            data=json.dumps(
+                {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                 "max_tokens": 8, "ignore_eos": True}
+            ).encode(),
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+            method="POST",
+        )  # fmt: skip
+        body = wait_until(lambda: _post(request), 60, interval_s=1.0, what="the gateway answers")
+        assert body is not None
+        assert body["usage"]["completion_tokens"] == 8
+        assert body["choices"][0]["message"]["role"] == "assistant"
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0 or proc.returncode in (2, -signal.SIGINT)
