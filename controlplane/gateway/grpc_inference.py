@@ -118,7 +118,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         )
         progress = Progress()
         self.metrics.in_flight.inc()
-        stream = gw.stream(request_id, model, prompt, sampling, progress)
+        stream = gw.stream(
+            request_id,
+            model,
+            prompt,
+            sampling,
+            progress,
+            sla_class=ticket.sla_class,
+            tenant=ticket.tenant_id,
+        )
         try:
             first = await anext(stream, TokenChunk((), "abort"))
             current: list[tuple[int, ...]] = [first.token_ids]

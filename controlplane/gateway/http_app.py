@@ -12,6 +12,11 @@ model's tokenizer, check it against the context window (400), ask the ``RequestG
 before it (no worker: 503) is still a plain error body; later errors are an SSE error event.
 A client disconnect cancels the handler; the token stream's ``finally`` aborts the workers'
 requests. No framework sits in the token path (see docs/architecture.md, "Gateway").
+
+Debugging a route: a generation request sent with ``X-Switchboard-Debug: route`` gets an
+``X-Switchboard-Route`` response header, one line of at most 400 characters naming the decode
+worker, the prefill worker (or ``local``) and the plugins that decided
+(``sla_routing.route_summary``); the body does not change.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from workers.engine import TokenChunk
 from workers.openai_protocol import (
     JSON_HEADERS,
     ApiError,
+    AsgiMessage,
     ChatCompletionRequest,
     ClientGone,
     CompletionRequest,
@@ -219,6 +225,9 @@ class GatewayApp:
     ) -> int:
         ticket: AdmissionTicket | None = None
         progress = Progress()
+        if _wants_route_debug(scope):
+            progress.explain_route = True
+            send = _with_route_header(send, progress)
         try:
             try:
                 if self.draining:
@@ -254,7 +263,13 @@ class GatewayApp:
                 )
                 self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt))
                 stream = self.gateway.stream(
-                    request_id, model, prepared.prompt, prepared.sampling, progress
+                    request_id,
+                    model,
+                    prepared.prompt,
+                    prepared.sampling,
+                    progress,
+                    sla_class=ticket.sla_class,
+                    tenant=ticket.tenant_id,
                 )
                 try:
                     first = await anext(stream)
@@ -295,6 +310,30 @@ class GatewayApp:
         finally:
             if ticket is not None:
                 self.gate.release(ticket, progress.tokens)
+
+
+ROUTE_HEADER = b"x-switchboard-route"
+
+
+def _wants_route_debug(scope: Scope) -> bool:
+    """``X-Switchboard-Debug`` names ``route`` (comma-separated, any case)."""
+    value = header(scope, b"x-switchboard-debug")
+    if not value:
+        return False
+    return b"route" in (part.strip().lower() for part in value.split(b","))
+
+
+def _with_route_header(send: Send, progress: Progress) -> Send:
+    """``send`` that adds ``X-Switchboard-Route`` (``progress.route``, if a route was made by
+    then) to the response's headers."""
+
+    async def wrapped(message: AsgiMessage) -> None:
+        if message["type"] == "http.response.start" and progress.route:
+            headers = [*message.get("headers", ()), (ROUTE_HEADER, progress.route.encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return wrapped
 
 
 def _sla_class(req: GenerationRequest, scope: Scope) -> str:

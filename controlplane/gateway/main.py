@@ -1,7 +1,8 @@
 """The gateway process (`switchboard gateway`): the composition root of controlplane/gateway.
 
 Builds the etcd client, the ``WorkersView`` (its feeds start at once; requests never wait on
-them), the routing policy, breakers, metrics and the ``RequestGate`` — by default
+them), the routing policies (the SLA-aware router for models with a timing model, fed KV events
+by the view; least loaded for the others), breakers, metrics and the ``RequestGate`` — by default
 ``TenantGate`` (API keys from the watch-fed ``TenantCache``, quotas and fair admission per
 model); ``auth="none"`` admits everyone (development and tests only) — then serves the OpenAI
 HTTP API under uvicorn (httptools, on the uvloop event loop the CLI starts) and the gRPC
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +31,16 @@ from controlplane.adapters.etcd.tenants import EtcdTenantStore, TenantCache
 from controlplane.adapters.grpc.server import GrpcServer
 from controlplane.config import EtcdSettings
 from controlplane.core.model import WorkerState
+from controlplane.core.routing import SlaAwareRouter
 from controlplane.errors import InvalidArgument
 from controlplane.gateway.gate import AllowAll, RequestGate
 from controlplane.gateway.grpc_inference import InferenceService
 from controlplane.gateway.http_app import GatewayApp
 from controlplane.gateway.metrics import GatewayMetrics
+from controlplane.gateway.model_routing import ModelRoutingCache
 from controlplane.gateway.pipeline import Gateway
 from controlplane.gateway.routing import CircuitBreakers, LeastLoadedRouter
+from controlplane.gateway.sla_routing import SlaGatewayRouter
 from controlplane.gateway.tenant_gate import TenantGate
 from controlplane.gateway.workers_view import WorkerChannels, WorkersView
 from workers.openai_main import UvicornServer, listen_socket
@@ -78,6 +83,11 @@ async def run_gateway(
     client = EtcdClient(settings.etcd.endpoint, timeout_s=settings.etcd.timeout_s)
     channels = WorkerChannels()
     view = WorkersView(client, settings.etcd.prefix, channels)
+    model_routing = ModelRoutingCache(view.model_info)
+    sla_router = SlaGatewayRouter(
+        SlaAwareRouter(), timing_for=model_routing.timing_for, rng=random.Random()
+    )
+    view.kv_sink = sla_router  # KV events from the WatchStats streams feed its prefix index
     metrics = GatewayMetrics()
     gateway = Gateway(
         view,
@@ -87,6 +97,8 @@ async def run_gateway(
         ),
         metrics,
         max_migrations=settings.max_migrations,
+        sla_router=sla_router,
+        model_routing=model_routing,
     )
     background: list[asyncio.Task[None]] = []
     if gate is None and settings.auth == "tenants":

@@ -84,6 +84,13 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.routes = Counter(
+            "switchboard_gateway_routes",
+            "Routing decisions, by model, policy (sla, least_loaded, or least_loaded_fallback when"
+            " the SLA router's filters left no worker) and prefill (local or remote).",
+            ["model", "policy", "prefill"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "switchboard_gateway_client_disconnects",
             "Requests whose client went away before the answer was complete.",

@@ -7,8 +7,15 @@ the same type engines yield, so the shared OpenAI response writers (workers/open
 and the gRPC Inference service consume it unchanged. For one request:
 
 1. **route** with a snapshot of the model's workers (``WorkersView.snapshots``: records, last load
-   reports, this gateway's in-flight counts, breaker states) through the ``Router`` (pure);
-   no route -> ``Unavailable`` (503 / UNAVAILABLE).
+   reports, this gateway's in-flight counts, breaker states). A model with a timing model (a
+   sim deployment's profile, ``model_routing.py``) goes through the SLA-aware router
+   (``SlaGatewayRouter.route_request``) with a ``RouteRequest``: prompt length, the prompt's
+   chained block hashes at the model's KV block size, ``max_tokens``, the SLA class's TTFT /
+   ITL targets (the admission ticket's class; ``standard`` when none), tenant. When its filters
+   leave no worker (e.g. no worker has KV room for prompt + ``max_tokens`` by its last report)
+   the request is routed least loaded anyway, as before, and the engine queues it. A model
+   without a timing model (cpu, vllm, trtllm today) is routed by the ``Router`` (least
+   loaded). Both are pure and read memory only; no route -> ``Unavailable`` (503).
 2. **disaggregated** (route has a prefill worker): ``Prefill`` on it; its first token is yielded at
    once (TTFT does not wait for the decode worker); then ``Decode`` with the ``KvHandle`` on the
    decode worker. If the decode worker answers NOT_FOUND before its first token (the KV expired,
@@ -39,12 +46,15 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
 from switchboard.v1 import inference_pb2, worker_pb2
 
+from controlplane.core.routing import RouteRequest
+from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass
+from controlplane.core.tenants import DEFAULT_SLA_CLASS
 from controlplane.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -53,14 +63,16 @@ from controlplane.errors import (
     Unavailable,
 )
 from controlplane.gateway.metrics import GatewayMetrics
+from controlplane.gateway.model_routing import DEFAULT_SIM_PROFILE, ModelRoutingCache
 from controlplane.gateway.routing import CircuitBreakers, NoRoute, Route, Router, WorkerSnapshot
+from controlplane.gateway.sla_routing import SlaGatewayRouter, route_summary
 from controlplane.gateway.workers_view import ModelInfo, WorkersView
 from workers.engine import KvUnavailable, SamplingParams, TokenChunk, validate_prompt
+from workers.engines.sim_core import hash_blocks
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIM_PROFILE = "llama-3.1-8b-h100"
 
 # Codes that mean "this worker failed", not "this request is bad": move the request elsewhere.
 _TRANSPORT_CODES = frozenset(
@@ -105,6 +117,10 @@ class Progress:
     tokens: int = 0
     migrations: int = 0
     worker_ids: tuple[str, ...] = ()
+    explain_route: bool = False
+    """Set by the caller: fill ``route`` (the ``X-Switchboard-Route`` debug header)."""
+    route: str = ""
+    """With ``explain_route``: the latest routing decision, one line (``route_summary``)."""
 
 
 def build_tokenizer(info: ModelInfo) -> Tokenizer:
@@ -128,7 +144,14 @@ class Gateway:
 
     Args:
         view: routing state (records, loads, channels, in-flight counts).
-        router: the routing policy.
+        router: the routing policy for models without a timing model (least loaded), and the
+            fallback when the SLA router's filters leave no worker.
+        sla_router: the SLA-aware router, for models with a timing model; None: ``router``
+            routes every model.
+        model_routing: per-model block size and timing model (default: from ``view``'s
+            deployments, ``ModelRoutingCache``).
+        sla_classes: SLA classes by name (default ``DEFAULT_SLA_CLASSES``); a request's class
+            sets the targets the SLA router predicts against.
         breakers: per-worker circuit breakers.
         metrics: where TTFT / ITL / migrations / circuit events go.
         max_migrations: moves to another worker per request (retries before the first token
@@ -150,9 +173,15 @@ class Gateway:
         decode_timeout_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         tokenizer_factory: Callable[[ModelInfo], Tokenizer] = build_tokenizer,
+        sla_router: SlaGatewayRouter | None = None,
+        model_routing: ModelRoutingCache | None = None,
+        sla_classes: Mapping[str, SlaClass] | None = None,
     ) -> None:
         self.view = view
         self.router = router
+        self.sla_router = sla_router
+        self.model_routing = model_routing or ModelRoutingCache(view.model_info)
+        self.sla_classes = dict(sla_classes or {c.name: c for c in DEFAULT_SLA_CLASSES})
         self.breakers = breakers
         self.metrics = metrics
         self.max_migrations = max_migrations
@@ -195,14 +224,67 @@ class Gateway:
 
     # --- routing --------------------------------------------------------------------------------
 
-    def _route(self, model: str, exclude: frozenset[str], aggregated: bool) -> Route:
+    def sla_class(self, name: str) -> SlaClass:
+        """The class a request's targets come from: its own, else the default (``standard``)."""
+        cls = self.sla_classes.get(name) or self.sla_classes.get(DEFAULT_SLA_CLASS)
+        return cls if cls is not None else next(iter(self.sla_classes.values()))
+
+    def _route(
+        self,
+        model: str,
+        prompt: tuple[int, ...],
+        max_tokens: int,
+        exclude: frozenset[str],
+        aggregated: bool,
+        *,
+        sla_class: str = "",
+        tenant: str = "",
+        progress: Progress | None = None,
+    ) -> Route:
+        """Where this attempt goes (see the module docstring, 1.). Reads memory only."""
         now = self.clock()
         workers = self.view.snapshots(model, lambda w: self.breakers.allows(w, now))
         if not workers and not self.view.has_model(model):
             raise NotFound(f"model {model!r} is not served here")
-        route = self.router.route(workers, exclude=exclude, aggregated=aggregated)
+        explain = progress is not None and progress.explain_route
+        facts = self.model_routing.get(model) if self.sla_router is not None else None
+        if self.sla_router is None or facts is None or facts.timing is None:
+            route = self.router.route(workers, exclude=exclude, aggregated=aggregated)
+            policy, summary = "least_loaded", ""
+            if explain:
+                summary = route_summary(route, policy=policy)
+        else:
+            request = RouteRequest.for_class(
+                self.sla_class(sla_class),
+                model=model,
+                prompt_tokens=len(prompt),
+                max_tokens=max_tokens,
+                block_size=facts.block_size,
+                block_hashes=hash_blocks(prompt, facts.block_size),
+                tenant=tenant,
+            )
+            sla_route, trace = self.sla_router.route_request(
+                request, workers, exclude=exclude, aggregated=aggregated
+            )
+            route, policy = sla_route, "sla"
+            fallback = ""
+            if isinstance(sla_route, NoRoute):
+                # the SLA router's filters are stricter than the hard ones (KV room for every
+                # output token by the last report): route least loaded; the engine queues it
+                least = self.router.route(workers, exclude=exclude, aggregated=aggregated)
+                if isinstance(least, Route):
+                    route, policy = least, "least_loaded_fallback"
+                    fallback = ",".join(dict.fromkeys(r.plugin for r in trace.decode.rejections))
+            summary = ""
+            if explain:
+                shown = "least_loaded" if policy == "least_loaded_fallback" else policy
+                summary = route_summary(route, trace, policy=shown, fallback=fallback)
+        if explain and progress is not None:
+            progress.route = summary
         if isinstance(route, NoRoute):
             raise Unavailable(route.message(model))
+        remote = "remote" if route.prefill is not None else "local"
+        self.metrics.routes.labels(model, policy, remote).inc()
         return route
 
     def _failed(self, model: str, worker: WorkerSnapshot) -> None:
@@ -219,7 +301,12 @@ class Gateway:
         prompt: tuple[int, ...],
         sampling: SamplingParams,
         progress: Progress | None = None,
+        *,
+        sla_class: str = "",
+        tenant: str = "",
     ) -> AsyncGenerator[TokenChunk, None]:
+        """The request's tokens; ``sla_class`` (the admission ticket's; "" = the default) and
+        ``tenant`` go into the SLA router's ``RouteRequest``."""
         progress = progress if progress is not None else Progress()
         sent: list[int] = []
         stop_ids = frozenset(sampling.stop_token_ids)
@@ -233,12 +320,22 @@ class Gateway:
             if remaining <= 0:
                 yield TokenChunk((), "length")
                 return
-            route = self._route(model, frozenset(exclude), aggregated)
+            attempt_prompt = prompt + tuple(sent)
+            route = self._route(
+                model,
+                attempt_prompt,
+                remaining,
+                frozenset(exclude),
+                aggregated,
+                sla_class=sla_class,
+                tenant=tenant,
+                progress=progress,
+            )
             attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
             attempt = self._attempt(
                 attempt_id,
                 route,
-                prompt + tuple(sent),
+                attempt_prompt,
                 dataclasses.replace(sampling, max_tokens=remaining),
                 model,
             )

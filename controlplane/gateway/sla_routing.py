@@ -1,7 +1,7 @@
 """The gateway's adapter over the SLA-aware router core (``controlplane.core.routing``).
 
-Not wired in yet: the request path (``pipeline.py``) still calls ``Router.route``. This class
-is the seam it will call instead, once it passes the request:
+The request path (``pipeline.py``) calls it for every model that has a timing model
+(``model_routing.py``):
 
 * ``route_request(request, snapshots, exclude=..., aggregated=...)`` -> ``(Route | NoRoute,
   Trace)``: converts the gateway's ``WorkerSnapshot`` s to the core's ``WorkerState`` s (the
@@ -12,7 +12,8 @@ is the seam it will call instead, once it passes the request:
   without a prompt and SLA targets there is nothing to predict with, so it falls back to
   ``LeastLoadedRouter``;
 * ``apply_kv_events`` / ``forget_worker``: what the ``WatchStats`` streams and the worker
-  watch feed into the prefix index.
+  watch feed into the prefix index (``WorkersView``, off the request path);
+* ``route_summary``: the one-line ``X-Switchboard-Route`` debug header of a decision.
 
 The core is pure; the state here is the index and the rng, both touched only on the event
 loop's thread (no locks needed).
@@ -33,6 +34,9 @@ from controlplane.core.routing import (
     WorkerState,
 )
 from controlplane.gateway.routing import LeastLoadedRouter, NoRoute, Route, WorkerSnapshot
+
+MAX_SUMMARY_CHARS = 400
+"""``route_summary`` output is cut to this many characters (it goes in a response header)."""
 
 
 class KvEventLike(Protocol):
@@ -127,3 +131,54 @@ class SlaGatewayRouter:
 
     def forget_worker(self, worker_id: str) -> None:
         self.core.index.forget_worker(worker_id)
+
+
+def _clean(text: str) -> str:
+    """Printable ASCII only (a header value must not carry CR / LF or non-latin-1)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
+def route_summary(
+    route: Route | NoRoute, trace: Trace | None = None, *, policy: str = "sla", fallback: str = ""
+) -> str:
+    """One bounded line: ``policy=sla; decode=d1; prefill=local; by=PrefixOverlap,TtftHeadroom;
+    cached=16; filtered=KvHeadroom; why=<the local / remote prefill verdict>``.
+
+    ``by``: the decode stage's deciders (the scorers that put the winner ahead of the
+    runner-up; ``-`` when there was no contest), ``prefill_by`` the prefill stage's, ``cached``
+    the decode worker's leading prompt blocks in the prefix index, ``filtered`` the filters that
+    rejected some worker (but Role, which always does), ``fallback`` why the SLA router's
+    answer was not used. At most
+    ``MAX_SUMMARY_CHARS`` characters (``why`` comes last, so it is what a cut shortens)."""
+    parts = [f"policy={policy}"]
+    if isinstance(route, Route):
+        parts.append(f"decode={route.decode.worker_id}")
+        parts.append(f"prefill={route.prefill.worker_id if route.prefill else 'local'}")
+    else:
+        parts.append("decode=none")
+    if fallback:
+        parts.append(f"fallback={fallback}")
+    if trace is not None:
+        parts.append(f"by={','.join(trace.decode.deciders()) or '-'}")
+        if trace.prefill is not None:
+            parts.append(f"prefill_by={','.join(trace.prefill.deciders()) or '-'}")
+        chosen = trace.decode.chosen
+        if chosen is not None:
+            parts.append(f"cached={trace.decode.candidate(chosen).cached_blocks}")
+        filters = [
+            r.plugin
+            for st in (trace.decode, trace.prefill)
+            if st is not None
+            for r in st.rejections
+            if r.plugin != "Role"  # every prefill worker in the decode stage, and vice versa
+        ]
+        if filters:
+            parts.append(f"filtered={','.join(dict.fromkeys(filters))}")
+        if trace.disaggregation is not None:
+            parts.append(f"why={trace.disaggregation.reason}")
+    elif isinstance(route, Route):
+        parts.append("by=LeastLoaded")
+    line = _clean("; ".join(parts))
+    if len(line) > MAX_SUMMARY_CHARS:
+        line = line[: MAX_SUMMARY_CHARS - 3] + "..."
+    return line

@@ -7,7 +7,10 @@ Three feeds, each its own task, none of which a request ever waits on:
 - **load reports**: one ``Worker.WatchStats`` stream per worker (running / waiting / KV blocks /
   batch), reconnected with backoff while the worker's record exists. A worker whose stream
   broke is treated as not serving until it reconnects (a killed worker is avoided at once,
-  before its lease expires);
+  before its lease expires). Each report's KV events (STORED / EVICTED block hashes) go to the
+  ``kv_sink`` (the SLA router's prefix index, ``SlaGatewayRouter.apply_kv_events``); the sink
+  forgets a worker whose record left, whose endpoint changed (a new process, an empty cache) or
+  whose stream broke (events were lost; routes and the next events teach it again);
 - **deployments**: list + watch of ``{prefix}/deployments/`` (re-listed on any change; they are
   few and change rarely), for each model's engine / model_path / engine args, which the gateway
   needs to tokenize.
@@ -22,8 +25,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from switchboard.v1 import worker_pb2, worker_pb2_grpc
@@ -34,8 +38,31 @@ from controlplane.adapters.etcd.workers import decode_worker
 from controlplane.core.model import WorkerRecord, WorkerState
 from controlplane.errors import SwitchboardError
 from controlplane.gateway.routing import WorkerSnapshot
+from workers.engine import KvEvent, KvEventKind
 
 log = logging.getLogger(__name__)
+
+_KV_KINDS = {
+    worker_pb2.KvBlockEvent.KIND_STORED: KvEventKind.STORED,
+    worker_pb2.KvBlockEvent.KIND_EVICTED: KvEventKind.EVICTED,
+}
+
+
+class KvEventSink(Protocol):
+    """Where the workers' KV events go (``SlaGatewayRouter``: its prefix index)."""
+
+    def apply_kv_events(self, worker_id: str, events: Iterable[KvEvent]) -> None: ...
+
+    def forget_worker(self, worker_id: str) -> None: ...
+
+
+def kv_events(msg: worker_pb2.WorkerStats) -> list[KvEvent]:
+    """A report's KV events (unknown kinds skipped)."""
+    return [
+        KvEvent(_KV_KINDS[e.kind], tuple(e.block_hashes))
+        for e in msg.kv_events
+        if e.kind in _KV_KINDS and e.block_hashes
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +127,11 @@ class WorkersView:
         clock: Callable[[], float] = time.monotonic,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        kv_sink: KvEventSink | None = None,
     ) -> None:
         self._client = client
+        self.kv_sink = kv_sink
+        """Gets every report's KV events; may be set after construction (before ``run``)."""
         base = prefix.rstrip("/")
         self._workers_prefix = f"{base}/workers/".encode()
         self._deployments = EtcdDeploymentStore(client, prefix)
@@ -236,10 +266,14 @@ class WorkersView:
         for worker_id, rec in after.items():
             old = before.get(worker_id)
             if old is None or old.endpoint != rec.endpoint:
+                if old is not None and self.kv_sink is not None:
+                    self.kv_sink.forget_worker(worker_id)  # a new process: an empty cache
                 self._start_stats(rec)
         for worker_id, rec in before.items():
             if worker_id not in after:
                 log.info("worker %s (%s %s) left", worker_id, rec.model, rec.role)
+                if self.kv_sink is not None:
+                    self.kv_sink.forget_worker(worker_id)
                 task = self._stats_tasks.pop(worker_id, None)
                 if task is not None:
                     task.cancel()
@@ -263,17 +297,8 @@ class WorkersView:
             try:
                 call = self.channels.stub(rec.endpoint).WatchStats(worker_pb2.StatsRequest())
                 async for msg in call:
-                    self.stats_down.discard(rec.worker_id)
                     delay = self._backoff[0]
-                    self.loads[rec.worker_id] = LoadReport(
-                        running=msg.running_requests,
-                        waiting=msg.waiting_requests,
-                        kv_blocks_used=msg.kv_blocks_used,
-                        kv_blocks_total=msg.kv_blocks_total,
-                        last_batch_size=msg.last_batch_size,
-                        draining=msg.draining,
-                        received_at=self._clock(),
-                    )
+                    self.on_report(rec.worker_id, msg)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
@@ -281,8 +306,25 @@ class WorkersView:
             except Exception:
                 log.exception("load reports from %s failed", rec.worker_id)
             self.stats_down.add(rec.worker_id)
+            if self.kv_sink is not None:  # the events until it reconnects are lost
+                self.kv_sink.forget_worker(rec.worker_id)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._backoff[1])
+
+    def on_report(self, worker_id: str, msg: worker_pb2.WorkerStats) -> None:
+        """One ``WatchStats`` message: the worker's load, and its KV events to the sink."""
+        self.stats_down.discard(worker_id)
+        self.loads[worker_id] = LoadReport(
+            running=msg.running_requests,
+            waiting=msg.waiting_requests,
+            kv_blocks_used=msg.kv_blocks_used,
+            kv_blocks_total=msg.kv_blocks_total,
+            last_batch_size=msg.last_batch_size,
+            draining=msg.draining,
+            received_at=self._clock(),
+        )
+        if self.kv_sink is not None and msg.kv_events:
+            self.kv_sink.apply_kv_events(worker_id, kv_events(msg))
 
     async def _deployments_loop(self) -> None:
         delay = self._backoff[0]
