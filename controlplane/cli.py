@@ -39,7 +39,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+def _run_until_signal(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *, use_uvloop: bool = False
+) -> None:
+    """Run ``main(stop)``; SIGINT / SIGTERM set ``stop``. HTTP servers run on uvloop."""
+
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -47,7 +51,13 @@ def _run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(runner())
+    if not use_uvloop:
+        asyncio.run(runner())
+        return
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(runner())
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -238,8 +248,6 @@ def cmd_make_model(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_openai(args: argparse.Namespace) -> None:
-    import uvloop
-
     from workers.engine import Role
     from workers.openai_main import OpenAIServerSettings, run_openai_server
 
@@ -258,23 +266,13 @@ def cmd_serve_openai(args: argparse.Namespace) -> None:
         port_file=args.port_file or "",
     )
 
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_openai_server(settings, stop)
-
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-            r.run(runner())
+        _run_until_signal(lambda stop: run_openai_server(settings, stop), use_uvloop=True)
     except (SwitchboardError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
-    import uvloop
-
     from controlplane.gateway.main import GatewaySettings, run_gateway
 
     settings = GatewaySettings(
@@ -288,16 +286,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         slots_per_worker=args.slots_per_worker,
     )
 
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_gateway(settings, stop)
-
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-            r.run(runner())
+        _run_until_signal(lambda stop: run_gateway(settings, stop), use_uvloop=True)
     except (SwitchboardError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 

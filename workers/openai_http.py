@@ -91,7 +91,7 @@ from workers.openai_protocol import (
     Scope,
     Send,
     api_error,
-    lifespan,
+    dispatch,
     model_not_found,
     parse_generation,
     prepare,
@@ -191,32 +191,11 @@ class OpenAIApp:
             ("GET", "/health"): self._health,
             ("GET", "/metrics"): self._metrics,
         }
-        self._paths = {path for _, path in self._routes}
 
     # -- ASGI entry -------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            handler = self._routes.get((scope["method"], scope["path"]))
-            if handler is not None:
-                await handler(scope, receive, send)
-                return
-            if scope["path"] in self._paths:
-                allowed = ", ".join(sorted(m for m, p in self._routes if p == scope["path"]))
-                err = ApiError(
-                    405,
-                    f"{scope['method']} is not allowed on {scope['path']}; use {allowed}",
-                    code="method_not_allowed",
-                )
-                await send_error(send, err, [(b"allow", allowed.encode())])
-            else:
-                err = ApiError(
-                    404, f"no route {scope['path']}", type="not_found_error", code="not_found"
-                )
-                await send_error(send, err)
-        elif kind == "lifespan":
-            await lifespan(receive, send)
+        await dispatch(self._routes, scope, receive, send)
 
     # -- small routes -----------------------------------------------------------------------------
 

@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -421,6 +429,38 @@ async def send_error(
     send: Send, err: ApiError, extra_headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
     await send_body(send, err.status, err.body(), [*JSON_HEADERS, *err.headers, *extra_headers])
+
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def dispatch(
+    routes: Mapping[tuple[str, str], Handler], scope: Scope, receive: Receive, send: Send
+) -> None:
+    """The ASGI entry of a route table keyed by (method, path): 405 (with ``Allow``) for a known
+    path with another method, 404 for an unknown path, lifespan events acknowledged."""
+    kind = scope["type"]
+    if kind == "http":
+        handler = routes.get((scope["method"], scope["path"]))
+        if handler is not None:
+            await handler(scope, receive, send)
+            return
+        methods = sorted(m for m, p in routes if p == scope["path"])
+        if methods:
+            allowed = ", ".join(methods)
+            err = ApiError(
+                405,
+                f"{scope['method']} is not allowed on {scope['path']}; use {allowed}",
+                code="method_not_allowed",
+            )
+            await send_error(send, err, [(b"allow", allowed.encode())])
+        else:
+            err = ApiError(
+                404, f"no route {scope['path']}", type="not_found_error", code="not_found"
+            )
+            await send_error(send, err)
+    elif kind == "lifespan":
+        await lifespan(receive, send)
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
