@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -44,6 +44,7 @@ from workers.openai_protocol import (
     CompletionRequest,
     Exchange,
     GenerationRequest,
+    Handler,
     Receive,
     ResponseSpec,
     Scope,
@@ -64,8 +65,6 @@ from workers.openai_protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def bearer_token(value: bytes | None) -> str:

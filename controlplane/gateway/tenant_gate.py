@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -207,8 +206,3 @@ class TenantGate:
 def _rate_limited(r: Rejected) -> RateLimited:
     retry = r.retry_after_s if r.retry_after_s is not None else 0.0
     return RateLimited(f"{r.reason.value}: {r.message}", retry_after_s=retry)
-
-
-async def run_forever(gate: TenantGate) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        await gate.run()
