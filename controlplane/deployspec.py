@@ -22,6 +22,9 @@ The shape (the document *is* the spec; field names follow ``deployments.proto``)
     priority: 100                        # int32, default 0
     engine_args:                         # str -> str; numbers and booleans become strings
       max_model_len: 32768
+    sla_classes:                         # default: {} (interactive, standard, batch)
+      interactive: {priority: 0, ttft_p95_ms: 300, itl_p95_ms: 40, queue_timeout_s: 2}
+      batch: {priority: 2, deadline_s: 3600, queue_timeout_s: 3600}
     pools:                               # one per role, at least one
       - role: decode                     # prefill | decode | aggregated | long_context
         replicas: 4
@@ -60,6 +63,7 @@ from controlplane.core.deployments import (
     validate_spec,
 )
 from controlplane.core.nodes import LabelSelector, parse_selector
+from controlplane.core.sla import SlaClass, sla_classes_from_dict, sla_classes_to_dict
 from controlplane.errors import InvalidArgument
 
 _E = TypeVar("_E", Engine, PoolRole)
@@ -127,6 +131,7 @@ class SpecDoc(_Model):
     gpu_memory_bytes_per_gpu: Annotated[int, BeforeValidator(_quantity)] = 0
     priority: int = 0
     engine_args: StrMap = Field(default_factory=dict)
+    sla_classes: dict[str, Any] = Field(default_factory=dict)
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> ModelDeploymentSpec:
@@ -153,8 +158,18 @@ def spec_from_dict(data: Mapping[str, Any]) -> ModelDeploymentSpec:
             pools=tuple(_pool(i, p) for i, p in enumerate(doc.pools)),
             priority=doc.priority,
             engine_args=doc.engine_args,
+            sla_classes=_sla_classes(doc.sla_classes),
         )
     )
+
+
+def _sla_classes(doc: Mapping[str, Any]) -> tuple[SlaClass, ...]:
+    if not doc:
+        return ()
+    try:
+        return sla_classes_from_dict(doc)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"spec.{e}") from None
 
 
 def spec_from_yaml(text: str, source: str = "spec") -> ModelDeploymentSpec:
@@ -185,6 +200,7 @@ def spec_to_dict(spec: ModelDeploymentSpec) -> dict[str, Any]:
         "gpu_memory_bytes_per_gpu": spec.gpu_memory_bytes_per_gpu,
         "priority": spec.priority,
         "engine_args": dict(spec.engine_args),
+        "sla_classes": sla_classes_to_dict(spec.sla_classes),
         "pools": [
             {
                 "role": p.role.value,

@@ -142,6 +142,25 @@ class TenantLimits:
     """Admitted requests not yet finished."""
 
 
+def quota_share(quotas: QuotaLike, replicas: int) -> TenantLimits:
+    """One gateway replica's share of a tenant's fleet-wide quotas: each limit divided by the
+    number of live replicas, rounded up (0 stays unlimited, a limit never drops to 0).
+
+    With requests spread evenly over the replicas (a Service or load balancer in front), the
+    fleet admits the tenant's limit: exactly when it is a multiple of ``replicas``, at most
+    ``replicas - 1`` more otherwise. No replica waits on another to admit a request."""
+    n = max(1, replicas)
+
+    def part(limit: int) -> int:
+        return 0 if limit <= 0 else -(-limit // n)
+
+    return TenantLimits(
+        requests_per_minute=part(quotas.requests_per_minute),
+        tokens_per_minute=part(quotas.tokens_per_minute),
+        max_concurrent=part(quotas.max_concurrent),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
     request_id: str
@@ -536,6 +555,35 @@ class AdmissionController:
         if entry is None:
             return None
         return self._drop(entry, now, RejectReason.CANCELLED, "cancelled by the client", None)
+
+    def reconfigure(self, classes: Sequence[SlaClass], now: float) -> list[Rejected]:
+        """Replace the class table (the deployment's classes changed); returns the rejected.
+
+        New requests see the new classes at once. A queued request keeps the deadline and
+        timeout it was queued under; one whose class is gone is rejected (``SHED``, with
+        Retry-After: the client may retry with a class that exists). Running requests are
+        unaffected."""
+        table = index_sla_classes(classes)
+        out = [
+            self._drop(
+                e,
+                now,
+                RejectReason.SHED,
+                f"SLA class {e.cls.name!r} was removed from the deployment while queued",
+                self.config.overload_retry_after_s,
+            )
+            for e in [e for e in self._queued.values() if e.cls.name not in table]
+        ]
+        self.classes = table
+        self._order = sorted(table.values(), key=lambda c: (c.priority, c.name))
+        for per_class in (self._class_len, self._ready, self._heaviest):
+            for name in [n for n in per_class if n not in table]:
+                del per_class[name]
+        for name in table:
+            self._class_len.setdefault(name, 0)
+            self._ready.setdefault(name, _KeyedHeap())
+            self._heaviest.setdefault(name, _KeyedHeap())
+        return out
 
     def expire(self, now: float) -> list[Rejected]:
         """Reject every queued request past its queue timeout or deadline, earliest first."""

@@ -38,6 +38,7 @@ from controlplane.core.nodes import (
     validate_label_key,
     validate_label_value,
 )
+from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.errors import InvalidArgument
 
 MAX_NAME_LEN = 63
@@ -132,10 +133,20 @@ class ModelDeploymentSpec:
     """Higher places first when the caller orders work (placement itself never preempts)."""
     engine_args: Mapping[str, str] = field(default_factory=dict)
     """Free-form engine arguments passed to the engine adapter."""
+    sla_classes: tuple[SlaClass, ...] = ()
+    """The SLA classes requests for this model may name, with their targets; empty: the
+    defaults (``controlplane.core.sla.DEFAULT_SLA_CLASSES``). Not part of the pools' template:
+    changing a class never restarts a worker."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pools", tuple(self.pools))
         object.__setattr__(self, "engine_args", _frozen_map(self.engine_args))
+        object.__setattr__(self, "sla_classes", tuple(self.sla_classes))
+
+    @property
+    def effective_sla_classes(self) -> tuple[SlaClass, ...]:
+        """The classes in force: the spec's own, else the defaults."""
+        return self.sla_classes or DEFAULT_SLA_CLASSES
 
     @property
     def gpus_per_replica(self) -> int:
@@ -215,8 +226,26 @@ def validate_spec(spec: ModelDeploymentSpec) -> ModelDeploymentSpec:
     for key in spec.engine_args:
         if not key.strip():
             raise InvalidArgument("spec.engine_args has an empty key")
+    _check_sla_classes(spec)
     _check_pools(spec)
     return spec
+
+
+def _check_sla_classes(spec: ModelDeploymentSpec) -> None:
+    """Names unique; every class a pool names is defined (when the spec defines its own)."""
+    try:
+        defined = index_sla_classes(spec.effective_sla_classes)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"spec.{e}") from None
+    if not spec.sla_classes:
+        return  # pools may name any class; the defaults are not a closed list for them
+    for pool in spec.pools:
+        for name in pool.sla_classes:
+            if name not in defined:
+                raise InvalidArgument(
+                    f"spec.pools[{pool.role.value}].sla_classes: {name!r} is not one of the "
+                    f"deployment's sla_classes ({', '.join(defined)})"
+                )
 
 
 def _check_name(name: str) -> None:

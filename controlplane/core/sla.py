@@ -181,6 +181,11 @@ def sla_classes_from_dict(doc: object) -> tuple[SlaClass, ...]:
     return tuple(out)
 
 
+def sla_classes_to_dict(classes: Sequence[SlaClass]) -> dict[str, dict[str, object]]:
+    """The inverse of ``sla_classes_from_dict``: every field, unset targets as None."""
+    return {c.name: {name: getattr(c, name) for name in _FIELDS} for c in classes}
+
+
 def _int(body: Mapping[object, object], key: str, where: str, default: int) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):

@@ -24,6 +24,7 @@ from controlplane.core.admission import (
     RejectReason,
     TenantLimits,
     TokenBucket,
+    quota_share,
 )
 from controlplane.core.sla import SlaClass
 from controlplane.core.tenants import Quotas
@@ -588,3 +589,43 @@ def test_fairness_simulation_vtc_protects_the_light_tenant() -> None:
     # FIFO: the light tenant waits behind the heavy tenant's backlog
     assert p95(fifo.delays["light"]) > 10 * target_s
     assert p95(fifo.delays["light"]) > 20 * p95(vtc.delays["light"])
+
+
+# --- a deployment's classes change -----------------------------------------------------------
+
+
+def test_reconfigure_swaps_classes_and_rejects_only_queued_requests_of_removed_ones() -> None:
+    c = AdmissionController()
+    assert isinstance(c.submit(req("run", cls="batch"), 0.0, True), Admitted)
+    assert isinstance(c.submit(req("b1", cls="batch"), 0.1, False), Queued)
+    assert isinstance(c.submit(req("s1", cls="standard"), 0.2, False), Queued)
+    realtime = SlaClass("realtime", priority=0, ttft_p95_ms=200.0, itl_p95_ms=30.0)
+    standard = SlaClass("standard", priority=1, ttft_p95_ms=1500.0)
+    rejected = c.reconfigure([realtime, standard], now=1.0)
+    assert ids(rejected) == ["b1"]
+    assert rejected[0].reason is RejectReason.SHED and "removed" in rejected[0].message
+    assert rejected[0].retry_after_header is not None
+    assert set(c.classes) == {"realtime", "standard"}
+    assert c.stats().queued_by_class == {"realtime": 0, "standard": 1}
+    with pytest.raises(InvalidArgument, match="unknown SLA class 'batch'"):
+        c.submit(req("b2", cls="batch"), 1.1, True)
+    assert isinstance(c.submit(req("r1", cls="realtime"), 1.2, False), Queued)
+    assert c.finish("run", 1.3)  # a running request of a removed class still finishes
+    assert ids(c.on_capacity(1.4, free_slots=5)) == ["r1", "s1"]  # the new priority order
+
+
+@pytest.mark.parametrize(
+    ("limits", "replicas", "share"),
+    [
+        (TenantLimits(60, 6000, 4), 1, TenantLimits(60, 6000, 4)),
+        (TenantLimits(60, 6000, 4), 2, TenantLimits(30, 3000, 2)),
+        (TenantLimits(60, 6000, 4), 3, TenantLimits(20, 2000, 2)),  # ceil: 4/3 -> 2
+        (TenantLimits(1, 0, 1), 4, TenantLimits(1, 0, 1)),  # never 0 (= unlimited)
+        (TenantLimits(0, 0, 0), 3, TenantLimits(0, 0, 0)),
+        (TenantLimits(10, 10, 10), 0, TenantLimits(10, 10, 10)),  # no peers known yet: all
+    ],
+)
+def test_quota_share_splits_fleet_limits_over_gateway_replicas(
+    limits: TenantLimits, replicas: int, share: TenantLimits
+) -> None:
+    assert quota_share(limits, replicas) == share

@@ -239,3 +239,38 @@ def test_yaml_errors(text: str, message: str) -> None:
 def test_not_a_mapping() -> None:
     with pytest.raises(InvalidArgument, match="spec must be a mapping"):
         spec_from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_sla_classes_per_deployment() -> None:
+    classes = {
+        "realtime": {"priority": 0, "ttft_p95_ms": 200, "itl_p95_ms": 30, "queue_timeout_s": 1},
+        "bulk": {"priority": 5, "deadline_s": 600},
+    }
+    s = spec_from_dict(doc(sla_classes=classes, pools=pools(decode={"sla_classes": ["bulk"]})))
+    assert [c.name for c in s.effective_sla_classes] == ["realtime", "bulk"]
+    assert s.sla_classes[0].ttft_p95_ms == 200.0 and s.sla_classes[1].deadline_s == 600.0
+    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(s)))) == s
+    assert [c.name for c in spec_from_dict(doc()).effective_sla_classes] == [
+        "interactive", "standard", "batch"
+    ]  # fmt: skip
+    # the classes are not part of the workers' template: editing them restarts nothing
+    from controlplane.core.reconcile import template_hash
+
+    plain = spec_from_dict(doc())
+    assert template_hash(plain, plain.pools[0]) == template_hash(s, s.pools[0])
+
+
+@pytest.mark.parametrize(
+    ("classes", "pool_classes", "message"),
+    [
+        ({"rt": {"priority": 0}}, [], "spec.sla_classes.rt: set ttft_p95_ms"),
+        ({"rt": {"priority": 0, "ttft_ms": 1}}, [], "spec.sla_classes.rt: unknown field"),
+        ({"rt": {"priority": -1, "ttft_p95_ms": 1}}, [], "spec.sla_classes.rt.priority"),
+        ({"rt": {"priority": 0, "ttft_p95_ms": 1}}, ["interactive"], "not one of the deployment"),
+    ],
+)
+def test_bad_sla_classes_name_the_field(
+    classes: dict[str, Any], pool_classes: list[str], message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        spec_from_dict(doc(sla_classes=classes, pools=pools(decode={"sla_classes": pool_classes})))

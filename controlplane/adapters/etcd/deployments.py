@@ -14,10 +14,16 @@ Key layout (all JSON, none leased: they must survive every process):
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from controlplane.adapters.etcd.client import EtcdClient
+from controlplane.adapters.etcd.client import EtcdClient, KeyValue, prefix_range_end
+from controlplane.adapters.etcd.listwatch import list_and_watch
 from controlplane.core.deployments import ModelDeploymentSpec, PoolRole
 from controlplane.core.reconcile import (
     Condition,
@@ -26,10 +32,19 @@ from controlplane.core.reconcile import (
     PoolStatus,
     ReplicaPlacement,
 )
+from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.deployspec import spec_from_dict, spec_to_dict
 from controlplane.errors import Conflict, InvalidArgument, NotFound
 
 DEFAULT_PREFIX = "/switchboard/v1"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEvent:
+    name: str
+    record: DeploymentRecord | None
+    """None: deleted (or unreadable)."""
 
 
 def _dumps(doc: Any) -> bytes:
@@ -155,6 +170,28 @@ class EtcdDeploymentStore:
         kvs, _ = await self.client.get_prefix(self.deployments.encode())
         return [self._decode(kv.value, kv.mod_revision) for kv in kvs]
 
+    async def snapshot(self) -> tuple[list[DeploymentRecord], int]:
+        """Every readable deployment and the revision the read saw (unreadable ones skipped)."""
+        kvs, revision = await self.client.get_prefix(self.deployments.encode())
+        return [r for kv in kvs if (r := self._decode_or_none(kv)) is not None], revision
+
+    async def watch(self, start_revision: int) -> AsyncIterator[DeploymentEvent]:
+        """Deployment changes from ``start_revision`` until the stream breaks (then it raises)."""
+        start = self.deployments.encode()
+        async for ev in self.client.watch_range(
+            start, prefix_range_end(start), start_revision=start_revision
+        ):
+            name = ev.kv.key.decode(errors="replace")[len(self.deployments) :]
+            record = None if ev.deleted else self._decode_or_none(ev.kv)
+            yield DeploymentEvent(name, record)
+
+    def _decode_or_none(self, kv: KeyValue) -> DeploymentRecord | None:
+        try:
+            return self._decode(kv.value, kv.mod_revision)
+        except InvalidArgument as e:
+            log.warning("ignoring deployment record %s: %s", kv.key.decode(errors="replace"), e)
+            return None
+
     async def apply(
         self, spec: ModelDeploymentSpec, *, resource_version: int = 0, now: float
     ) -> DeploymentRecord:
@@ -240,3 +277,75 @@ class EtcdDeploymentStore:
 
     async def delete_status(self, name: str) -> None:
         await self.client.delete((self.statuses + name).encode())
+
+
+DEFAULT_CLASSES: Mapping[str, SlaClass] = index_sla_classes(DEFAULT_SLA_CLASSES)
+
+
+class DeploymentCache:
+    """Watch-fed deployments, for the gateway: which SLA classes each model offers.
+
+    ``sla_classes(model)`` never touches etcd. A model no deployment names, or whose
+    deployments define no classes, gets the defaults. When several deployments serve one model
+    the first by name that defines classes wins (a warning names the others). The mapping a
+    model gets is the same object until its classes change, so callers can compare with ``is``.
+    """
+
+    def __init__(self, store: EtcdDeploymentStore) -> None:
+        self._store = store
+        self._records: dict[str, DeploymentRecord] = {}
+        self._classes: dict[str, Mapping[str, SlaClass]] = {}
+        self.synced = asyncio.Event()
+        self.ever_synced = asyncio.Event()
+
+    def sla_classes(self, model: str) -> Mapping[str, SlaClass]:
+        return self._classes.get(model, DEFAULT_CLASSES)
+
+    def deployments(self) -> list[DeploymentRecord]:
+        return [self._records[n] for n in sorted(self._records)]
+
+    async def run(self) -> None:
+        async def relist() -> int:
+            records, revision = await self._store.snapshot()
+            self._records = {r.spec.name: r for r in records}
+            self._reindex()
+            return revision
+
+        async def apply(ev: DeploymentEvent) -> None:
+            if ev.record is None:
+                self._records.pop(ev.name, None)
+            else:
+                self._records[ev.name] = ev.record
+            self._reindex()
+
+        await list_and_watch(
+            "deployment",
+            relist,
+            self._store.watch,
+            apply,
+            synced=self.synced,
+            ever_synced=self.ever_synced,
+        )
+
+    def _reindex(self) -> None:
+        chosen: dict[str, tuple[str, tuple[SlaClass, ...]]] = {}
+        for name in sorted(self._records):
+            spec = self._records[name].spec
+            if not spec.sla_classes:
+                continue
+            if spec.model in chosen:
+                if chosen[spec.model][1] != spec.sla_classes:
+                    log.warning(
+                        "deployments %s and %s both define SLA classes for model %s; using %s's",
+                        chosen[spec.model][0], name, spec.model, chosen[spec.model][0],
+                    )  # fmt: skip
+                continue
+            chosen[spec.model] = (name, spec.sla_classes)
+        classes: dict[str, Mapping[str, SlaClass]] = {}
+        for model, (_, defined) in chosen.items():
+            old = self._classes.get(model)
+            if old is not None and tuple(old.values()) == defined:
+                classes[model] = old  # unchanged: keep the identity
+            else:
+                classes[model] = MappingProxyType({c.name: c for c in defined})
+        self._classes = classes

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.adapters.etcd.client import EtcdClient, prefix_range_end
+from controlplane.adapters.etcd.listwatch import list_and_watch
 from controlplane.core import tenants as core
 from controlplane.core.tenants import IssuedKey, KeyRecord, Quotas, Tenant
 from controlplane.errors import (
@@ -42,7 +43,6 @@ from controlplane.errors import (
     Conflict,
     InvalidArgument,
     NotFound,
-    SwitchboardError,
 )
 
 log = logging.getLogger(__name__)
@@ -344,28 +344,27 @@ class TenantCache:
 
     async def run(self) -> None:
         """List + watch forever; never returns except by cancellation."""
-        delay = self._backoff[0]
-        while True:
-            try:
-                tenants, revision = await self._store.snapshot()
-                self._replace(tenants, revision)
-                await self._notify()
-                self.synced.set()
-                self.ever_synced.set()
-                delay = self._backoff[0]
-                log.info("tenant cache synced at revision %d (%d tenants)", revision, len(self))
-                async for ev in self._store.watch(revision + 1):
-                    self._apply(ev)
-                    await self._notify()
-            except asyncio.CancelledError:
-                raise
-            except SwitchboardError as e:
-                log.warning("tenant list/watch failed (%s); re-listing in %.1fs", e, delay)
-            except Exception:
-                log.exception("tenant cache loop failed; re-listing in %.1fs", delay)
-            self.synced.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._backoff[1])
+
+        async def relist() -> int:
+            tenants, revision = await self._store.snapshot()
+            self._replace(tenants, revision)
+            await self._notify()
+            log.info("tenant cache: %d tenants", len(self))
+            return revision
+
+        async def apply(ev: TenantEvent) -> None:
+            self._apply(ev)
+            await self._notify()
+
+        await list_and_watch(
+            "tenant",
+            relist,
+            self._store.watch,
+            apply,
+            synced=self.synced,
+            ever_synced=self.ever_synced,
+            backoff_s=self._backoff,
+        )
 
     def _replace(self, tenants: list[Tenant], revision: int) -> None:
         self._tenants = {t.name: t for t in tenants}

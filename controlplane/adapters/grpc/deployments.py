@@ -23,6 +23,7 @@ from controlplane.adapters.grpc.convert import timestamp
 from controlplane.adapters.grpc.errors import unary
 from controlplane.core.deployments import Engine, ModelDeploymentSpec, PoolRole, format_selector
 from controlplane.core.reconcile import DeploymentRecord, DeploymentStatus
+from controlplane.core.sla import SlaClass
 from controlplane.deployspec import spec_from_dict, spec_to_dict
 from controlplane.errors import Conflict, InvalidArgument
 
@@ -82,8 +83,31 @@ def spec_from_pb(msg: deployments_pb2.ModelDeploymentSpec) -> ModelDeploymentSpe
         "pools": pools,
         "priority": msg.priority,
         "engine_args": dict(msg.engine_args),
+        "sla_classes": {c.name: _sla_class_from_pb(c) for c in msg.sla_classes},
     }
+    if len(doc["sla_classes"]) != len(msg.sla_classes):
+        raise InvalidArgument("spec.sla_classes: duplicate class name")
     return spec_from_dict(doc)
+
+
+_SLA_OPTIONAL = ("ttft_p95_ms", "itl_p95_ms", "deadline_s", "queue_timeout_s", "max_queue")
+
+
+def _sla_class_from_pb(c: deployments_pb2.SlaClassSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"priority": c.priority}
+    for name in _SLA_OPTIONAL:
+        if c.HasField(name):  # type: ignore[arg-type]
+            out[name] = getattr(c, name)
+    return out
+
+
+def _sla_class_to_pb(c: SlaClass) -> deployments_pb2.SlaClassSpec:
+    msg = deployments_pb2.SlaClassSpec(name=c.name, priority=c.priority)
+    for name in _SLA_OPTIONAL:
+        value = getattr(c, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
 
 
 def spec_to_pb(spec: ModelDeploymentSpec) -> deployments_pb2.ModelDeploymentSpec:
@@ -101,6 +125,7 @@ def spec_to_pb(spec: ModelDeploymentSpec) -> deployments_pb2.ModelDeploymentSpec
         gpu_memory_bytes_per_gpu=spec.gpu_memory_bytes_per_gpu,
         priority=spec.priority,
         engine_args=dict(spec.engine_args),
+        sla_classes=[_sla_class_to_pb(c) for c in spec.sla_classes],
     )
     for p in spec.pools:
         msg.pools.append(

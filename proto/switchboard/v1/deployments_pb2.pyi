@@ -224,6 +224,7 @@ class ModelDeploymentSpec(_message.Message):
     POOLS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     ENGINE_ARGS_FIELD_NUMBER: _builtins.int
+    SLA_CLASSES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """DNS-1123 label."""
     model: _builtins.str
@@ -241,6 +242,10 @@ class ModelDeploymentSpec(_message.Message):
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form engine arguments passed to the engine adapter."""
 
+    @_builtins.property
+    def sla_classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlaClassSpec]:
+        """SLA classes requests for this model may name; empty: interactive, standard, batch."""
+
     def __init__(
         self,
         *,
@@ -253,14 +258,75 @@ class ModelDeploymentSpec(_message.Message):
         pools: _abc.Iterable[Global___Pool] | None = ...,
         priority: _builtins.int = ...,
         engine_args: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        sla_classes: _abc.Iterable[Global___SlaClassSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parallelism", b"parallelism"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "engine_args", b"engine_args", "gpu_memory_bytes_per_gpu", b"gpu_memory_bytes_per_gpu", "model", b"model", "model_path", b"model_path", "name", b"name", "parallelism", b"parallelism", "pools", b"pools", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "engine_args", b"engine_args", "gpu_memory_bytes_per_gpu", b"gpu_memory_bytes_per_gpu", "model", b"model", "model_path", b"model_path", "name", b"name", "parallelism", b"parallelism", "pools", b"pools", "priority", b"priority", "sla_classes", b"sla_classes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelDeploymentSpec: _TypeAlias = ModelDeploymentSpec  # noqa: Y015
+
+@_typing.final
+class SlaClassSpec(_message.Message):
+    """One class of service (controlplane/core/sla.py). Unset optional fields take their defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TTFT_P95_MS_FIELD_NUMBER: _builtins.int
+    ITL_P95_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    priority: _builtins.int
+    """Lower is more important."""
+    ttft_p95_ms: _builtins.float
+    itl_p95_ms: _builtins.float
+    deadline_s: _builtins.float
+    """Batch: complete within this many seconds of arrival."""
+    queue_timeout_s: _builtins.float
+    max_queue: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        ttft_p95_ms: _builtins.float | None = ...,
+        itl_p95_ms: _builtins.float | None = ...,
+        deadline_s: _builtins.float | None = ...,
+        queue_timeout_s: _builtins.float | None = ...,
+        max_queue: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s", "_itl_p95_ms", b"_itl_p95_ms", "_max_queue", b"_max_queue", "_queue_timeout_s", b"_queue_timeout_s", "_ttft_p95_ms", b"_ttft_p95_ms", "deadline_s", b"deadline_s", "itl_p95_ms", b"itl_p95_ms", "max_queue", b"max_queue", "queue_timeout_s", b"queue_timeout_s", "ttft_p95_ms", b"ttft_p95_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s", "_itl_p95_ms", b"_itl_p95_ms", "_max_queue", b"_max_queue", "_queue_timeout_s", b"_queue_timeout_s", "_ttft_p95_ms", b"_ttft_p95_ms", "deadline_s", b"deadline_s", "itl_p95_ms", b"itl_p95_ms", "max_queue", b"max_queue", "name", b"name", "priority", b"priority", "queue_timeout_s", b"queue_timeout_s", "ttft_p95_ms", b"ttft_p95_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__deadline_s: _TypeAlias = _typing.Literal["deadline_s"]  # noqa: Y015
+    _WhichOneofArgType__deadline_s: _TypeAlias = _typing.Literal["_deadline_s", b"_deadline_s"]  # noqa: Y015
+    _WhichOneofReturnType__itl_p95_ms: _TypeAlias = _typing.Literal["itl_p95_ms"]  # noqa: Y015
+    _WhichOneofArgType__itl_p95_ms: _TypeAlias = _typing.Literal["_itl_p95_ms", b"_itl_p95_ms"]  # noqa: Y015
+    _WhichOneofReturnType__max_queue: _TypeAlias = _typing.Literal["max_queue"]  # noqa: Y015
+    _WhichOneofArgType__max_queue: _TypeAlias = _typing.Literal["_max_queue", b"_max_queue"]  # noqa: Y015
+    _WhichOneofReturnType__queue_timeout_s: _TypeAlias = _typing.Literal["queue_timeout_s"]  # noqa: Y015
+    _WhichOneofArgType__queue_timeout_s: _TypeAlias = _typing.Literal["_queue_timeout_s", b"_queue_timeout_s"]  # noqa: Y015
+    _WhichOneofReturnType__ttft_p95_ms: _TypeAlias = _typing.Literal["ttft_p95_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttft_p95_ms: _TypeAlias = _typing.Literal["_ttft_p95_ms", b"_ttft_p95_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__deadline_s) -> _WhichOneofReturnType__deadline_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__itl_p95_ms) -> _WhichOneofReturnType__itl_p95_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_queue) -> _WhichOneofReturnType__max_queue | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queue_timeout_s) -> _WhichOneofReturnType__queue_timeout_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttft_p95_ms) -> _WhichOneofReturnType__ttft_p95_ms | None: ...
+
+Global___SlaClassSpec: _TypeAlias = SlaClassSpec  # noqa: Y015
 
 @_typing.final
 class Condition(_message.Message):
