@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 UP_ARGS ?=
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k registry -x"
 PYTEST_ARGS ?=
+# make up MONITORING=1: also run Prometheus (127.0.0.1:9090; UP_ARGS="--prometheus-port N")
+MONITORING ?=
 
 .PHONY: setup up test test-vllm vllm-env lint typecheck unit proto bench-registry clean
 
@@ -13,7 +15,7 @@ setup:
 	@scripts/bootstrap.sh
 
 up: setup
-	@exec $(PY) -m controlplane up $(UP_ARGS)
+	@exec $(PY) -m controlplane up $(if $(filter 1 yes true on,$(MONITORING)),--monitoring) $(UP_ARGS)
 
 # The whole suite, tests/vllm included (real vLLM workers on CPU from .venv-vllm).
 test: setup lint typecheck vllm-env

@@ -383,7 +383,7 @@ def gateway_routes(chat_url: str, key: str) -> list[str]:
     with urllib.request.urlopen(req, timeout=5) as resp:
         text = resp.read().decode()
     return [
-        line for line in text.splitlines() if line.startswith("switchboard_gateway_routes_total")
+        line for line in text.splitlines() if line.startswith("switchboard_router_decisions_total")
     ]
 
 

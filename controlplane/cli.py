@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -89,6 +90,12 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
         port_file=args.port_file or "",
         ray_address=args.ray_address or "",
         worker_lease_ttl_s=args.worker_ttl,
+        metrics_port=args.metrics_port,
+        planner=args.planner,
+        planner_interval_s=args.planner_interval,
+        planner_metrics_urls=tuple(args.planner_metrics_url or ()),
+        planner_gpu_budget=args.planner_gpu_budget,
+        planner_scale_down_after_s=args.planner_scale_down_after,
     )
     _run_until_signal(lambda stop: ControlPlane(settings).run(stop))
 
@@ -144,6 +151,7 @@ def cmd_node_agent(args: argparse.Namespace) -> None:
         report_interval_s=args.report_interval,
         ray_node_id=args.ray_node_id or "",
         address=args.address or "127.0.0.1",
+        metrics_port=args.metrics_port,
     )
     base = NodeInventory(
         node_id=settings.node_id,
@@ -155,14 +163,27 @@ def cmd_node_agent(args: argparse.Namespace) -> None:
     )
 
     async def main(stop: asyncio.Event) -> None:
+        from controlplane.telemetry.http_server import MetricsServer
+        from controlplane.telemetry.metrics import NodeAgentMetrics
+
+        metrics = NodeAgentMetrics()
+        metrics_server: MetricsServer | None = None
+        inventory = base
+        if settings.metrics_port >= 0:
+            metrics_server = MetricsServer(
+                metrics.registry, host=settings.address, port=settings.metrics_port
+            )
+            await metrics_server.start()
+            inventory = dataclasses.replace(base, metrics_endpoint=metrics_server.endpoint)
         client = EtcdClient(settings.etcd.endpoint, timeout_s=settings.etcd.timeout_s)
         agent = NodeAgent(
             EtcdNodeRegistry(client, settings.etcd.prefix),
             probe,
-            base,
+            inventory,
             clock=time.time,
             lease_ttl_s=settings.lease_ttl_s,
             report_interval_s=settings.report_interval_s,
+            metrics=metrics,
         )
         task = asyncio.create_task(agent.run())
         stopper = asyncio.create_task(stop.wait())
@@ -175,6 +196,8 @@ def cmd_node_agent(args: argparse.Namespace) -> None:
         finally:
             stopper.cancel()
             await client.close()
+            if metrics_server is not None:
+                await metrics_server.close()
 
     try:
         _run_until_signal(main)
@@ -224,6 +247,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
         lease_ttl_s=args.ttl,
         drain_timeout_s=args.drain_timeout,
         port_file=args.port_file or "",
+        deployment=args.deployment,
+        pool=args.pool,
+        long_context_threshold_tokens=args.long_context_threshold,
+        metrics_port=args.metrics_port,
+        otlp_endpoint=args.otlp_endpoint,
         **kwargs,
     )
     try:
@@ -264,6 +292,7 @@ def cmd_serve_openai(args: argparse.Namespace) -> None:
         grpc_port=args.grpc_port,
         drain_timeout_s=args.drain_timeout,
         port_file=args.port_file or "",
+        otlp_endpoint=args.otlp_endpoint,
     )
 
     try:
@@ -284,6 +313,10 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         drain_timeout_s=args.drain_timeout,
         auth=args.auth,
         slots_per_worker=args.slots_per_worker,
+        gateway_id=args.gateway_id,
+        routing_profiles=args.routing_profiles or "",
+        otlp_endpoint=args.otlp_endpoint,
+        tenant_label_cap=args.tenant_label_cap,
     )
 
     try:
@@ -309,6 +342,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         model_path=args.model_path,
         sim_profile=args.profile,
         gateway_port=args.gateway_port,
+        monitoring=args.monitoring,
+        prometheus_port=args.prometheus_port,
     )
     sys.exit(LocalCluster(settings).run_foreground())
 
@@ -400,6 +435,15 @@ def _deployments_cmd(name: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
+def _explain_cmd(args: argparse.Namespace) -> None:
+    if args.kind == "request":
+        from controlplane import cli_explain
+
+        cli_explain.cmd_explain_request(args)
+    else:
+        _deployments_cmd("explain")(args)
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -428,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="control plane gRPC address",
         )
         sp.add_argument("--timeout", type=float, default=10.0, help="RPC deadline, seconds")
+
+    def otlp_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--otlp-endpoint",
+            default="",
+            help="export traces over OTLP gRPC to this endpoint (default: "
+            "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing off)",
+        )
 
     def inventory_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--node-id", help="node name (default: hostname)")
@@ -464,6 +516,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray GCS host:port the leader places workers on (empty: no reconciler)",
     )
     sp.add_argument("--worker-ttl", type=int, default=10, help="lease TTL of placed workers")
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=-1,
+        help="serve /metrics and /sd/targets (Prometheus http_sd of workers, node agents and "
+        "gateways) on this port of the --listen host; -1: off, 0: any free port",
+    )
+    sp.add_argument(
+        "--planner",
+        choices=("off", "advisory", "on"),
+        default=os.environ.get("SWITCHBOARD_PLANNER", "off"),
+        help="SLA planner on the leader: off, advisory (report only) or on (scale autoscaled "
+        "pools)",
+    )
+    sp.add_argument("--planner-interval", type=float, default=10.0, help="seconds per pass")
+    sp.add_argument(
+        "--planner-metrics-url",
+        action="append",
+        help="gateway /metrics URL to read load from (repeatable; default: every gateway "
+        "registered in etcd)",
+    )
+    sp.add_argument(
+        "--planner-gpu-budget", type=int, default=0, help="GPUs shared by priority; 0: none"
+    )
+    sp.add_argument(
+        "--planner-scale-down-after",
+        type=float,
+        default=60.0,
+        help="seconds load must stay low before the planner drains a replica",
+    )
     sp.set_defaults(func=cmd_controlplane)
 
     sp = sub.add_parser("node-agent", help="register this host's GPUs and keep them registered")
@@ -475,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--ray-node-id", help="Ray node id of this host")
     sp.add_argument("--address", help="address workers on this node advertise")
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve /metrics on --address:PORT; 0: any free port (published in etcd), -1: off",
+    )
     sp.set_defaults(func=cmd_node_agent)
 
     sp = sub.add_parser("worker", help="run an inference worker (prefill, decode or both)")
@@ -506,6 +594,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, wait this long for in-flight requests",
     )
     sp.add_argument("--port-file", help="write the bound port here once serving")
+    sp.add_argument("--deployment", default="", help="the deployment this worker belongs to")
+    sp.add_argument(
+        "--pool",
+        default="",
+        choices=["", "prefill", "decode", "aggregated", "long_context"],
+        help="its pool kind; routers send long prompts to long_context and short ones elsewhere",
+    )
+    sp.add_argument(
+        "--long-context-threshold",
+        type=int,
+        default=0,
+        help="the deployment's long-context threshold in prompt tokens (0: none)",
+    )
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve /metrics on this port of the --listen host; 0: any free port (published in "
+        "the worker's etcd record), -1: off",
+    )
+    otlp_flag(sp)
     sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser(
@@ -552,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, wait this long for open requests",
     )
     sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    otlp_flag(sp)
     sp.set_defaults(func=cmd_serve_openai)
 
     sp = sub.add_parser("gateway", help="serve tenants: OpenAI HTTP API + gRPC Inference")
@@ -574,9 +684,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests a decoding worker takes at once before admission queues the rest",
     )
     sp.add_argument(
+        "--gateway-id",
+        default="",
+        help="this replica's name in etcd (default <hostname>-<pid>); quotas are split "
+        "between the live replicas",
+    )
+    sp.add_argument(
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait for open requests"
     )
     sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    sp.add_argument(
+        "--routing-profiles",
+        help="YAML: the SLA router's scorers and weights per deployment and SLA class "
+        "(default: the built-in ones, written out in docs/routing-profiles.yaml)",
+    )
+    otlp_flag(sp)
+    sp.add_argument(
+        "--tenant-label-cap",
+        type=int,
+        default=100,
+        help="distinct tenants named in metric labels; later ones are reported as 'other'",
+    )
     sp.set_defaults(func=cmd_gateway)
 
     sp = sub.add_parser("gpus", help="print the GPU inventory the node agent would register")
@@ -626,6 +754,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("kind", choices=["deployment", "deploy"])
         sp.add_argument("name")
         sp.set_defaults(func=_deployments_cmd(verb))
+    # explain request ID: a recent request's routing decisions, from a gateway
+    explain = sub.choices["explain"]
+    for action in explain._actions:
+        if action.dest == "kind":
+            action.choices = ["deployment", "deploy", "request"]
+    from controlplane import cli_explain
+
+    cli_explain.add_flags(explain)
+    explain.set_defaults(func=_explain_cmd)
 
     sp = sub.add_parser("scale", help="scale deployment NAME --role decode --replicas N")
     client_flags(sp)
@@ -664,6 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path", default="", help="cpu: model directory (default: made on first use)"
     )
     sp.add_argument("--profile", default="llama-3.1-8b-h100", help="sim: engine profile")
+    sp.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also run Prometheus scraping every component, with the alert rules loaded",
+    )
+    sp.add_argument("--prometheus-port", type=int, default=9090, help="with --monitoring")
     sp.set_defaults(func=cmd_up)
     return p
 

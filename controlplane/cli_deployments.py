@@ -141,6 +141,38 @@ def cmd_describe(args: argparse.Namespace, call: Callable[[Callable[[Any], Any]]
         since = _age(now - c.last_transition_time.ToSeconds())
         rows.append((f"  {c.type}", c.status, c.reason, since, c.message))
     _table(rows)
+    if d.HasField("planner"):
+        _describe_planner(d.planner, now)
+
+
+def _describe_planner(view: Any, now: float) -> None:
+    """The SLA planner's last pass and its recent decisions (newest last)."""
+    from controlplane.adapters.grpc.deployments import ROLE_FROM_PB
+
+    def role(r: Any) -> str:
+        return ROLE_FROM_PB[r].value if r in ROLE_FROM_PB else "?"
+
+    mode = "advisory (reports only)" if view.advisory else "active"
+    print(f"Planner:            {mode}, updated {_age(now - view.updated_at.ToSeconds())} ago, "
+          f"load {view.observed_rps:.1f} rps, sized for {view.forecast_rps:.1f} rps")  # fmt: skip
+    head = ("  POOL", "READY", "CURRENT", "DESIRED", "P95 PREDICTED", "OBSERVED", "TARGET", "AUTO")
+    rows = [head]
+    for p in view.pools:
+        kind = p.kind.upper() or "-"
+        pred = f"{kind} {p.predicted_p95_ms:.0f} ms" if p.predicted_p95_ms else "-"
+        rows.append((f"  {role(p.role)}", str(p.ready), str(p.current), str(p.desired), pred,
+                     f"{p.observed_p95_ms:.0f} ms" if p.observed_p95_ms else "-",
+                     f"{p.target_p95_ms:.0f} ms" if p.target_p95_ms else "-",
+                     "yes" if p.autoscaling else "no"))  # fmt: skip
+    _table(rows)
+    for p in view.pools:
+        print(f"  {role(p.role)}: {p.reason}")
+    if view.decisions:
+        print("Planner decisions (newest last):")
+        for dec in view.decisions[-10:]:
+            flag = "" if dec.applied else " [not applied]"
+            print(f"  {_age(now - dec.time.ToSeconds()):>4} ago  {role(dec.role):<8} "
+                  f"{dec.from_replicas} -> {dec.to_replicas}  {dec.reason}{flag}")  # fmt: skip
 
 
 def cmd_scale(args: argparse.Namespace, call: Callable[[Callable[[Any], Any]], Any]) -> None:

@@ -48,6 +48,22 @@ class ControlPlaneSettings:
     (deployments are stored and served, but nothing is started)."""
     worker_lease_ttl_s: int = 10
     """Lease TTL of the workers the reconciler starts."""
+    metrics_port: int = -1
+    """Serve Prometheus ``/metrics`` and ``/sd/targets`` (service discovery of the workers,
+    node agents and gateways registered in etcd) on this port of the ``listen`` host:
+    -1 = off, 0 = any free port (logged)."""
+    planner: str = "off"
+    """SLA planner (leader task): "off", "advisory" (records decisions, writes no spec) or
+    "on" (writes ``replicas`` of autoscaled pools). See ``controlplane/planner.py``."""
+    planner_interval_s: float = 10.0
+    planner_metrics_urls: tuple[str, ...] = ()
+    """Gateway ``/metrics`` URLs the planner reads load from; empty: every gateway registered
+    in etcd."""
+    planner_gpu_budget: int = 0
+    """GPUs all deployments may hold together (shared by priority); 0: no budget."""
+    planner_scale_down_after_s: float = 60.0
+    """Load must stay low this long before the planner drains a replica (its stabilisation
+    window and cooldown)."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +79,6 @@ class NodeAgentSettings:
     """Ray node this host runs, when known."""
     address: str = ""
     """Address the node's workers advertise; default: 127.0.0.1 for declared inventories."""
+    metrics_port: int = 0
+    """Serve Prometheus ``/metrics`` on ``address``:this port (0 = any free port, -1 = off);
+    the endpoint goes into the node's etcd record, where ``/sd/targets`` finds it."""

@@ -30,6 +30,7 @@ The shape (the document *is* the spec; field names follow ``deployments.proto``)
         replicas: 4
         min_replicas: 2                  # default: replicas (fixed size)
         max_replicas: 8                  # default: replicas
+        autoscaling: true                # the SLA planner owns replicas; default false
         sla_classes: [interactive]       # default: [] (every class)
         node_selector: gpu=h100,!spot    # selector string or a mapping {gpu: h100}
         affinity: {zone: a}              # soft: nodes with these labels score higher
@@ -119,6 +120,7 @@ class PoolDoc(_Model):
     node_selector: str | StrMap = ""
     affinity: StrMap = Field(default_factory=dict)
     context_threshold_tokens: int = 0
+    autoscaling: bool = False
 
 
 class SpecDoc(_Model):
@@ -211,6 +213,7 @@ def spec_to_dict(spec: ModelDeploymentSpec) -> dict[str, Any]:
                 "node_selector": format_selector(p.node_selector),
                 "affinity": dict(p.affinity),
                 "context_threshold_tokens": p.context_threshold_tokens,
+                "autoscaling": p.autoscaling,
             }
             for p in spec.pools
         ],
@@ -255,6 +258,7 @@ def _pool(index: int, doc: PoolDoc) -> Pool:
         node_selector=selector,
         affinity=doc.affinity,
         context_threshold_tokens=doc.context_threshold_tokens,
+        autoscaling=doc.autoscaling,
     )
 
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from controlplane.core.reconcile import (
     StopReplica,
     reconcile,
 )
+from controlplane.telemetry.metrics import ControlPlaneMetrics
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,12 @@ def worker_settings(
         "node_id": placement.node_id,
         "lease_ttl_s": settings.worker_lease_ttl_s,
         "drain_timeout_s": settings.worker_drain_timeout_s,
+        "deployment": spec.name,
+        "pool": placement.role.value,
     }
+    long_context = spec.pool(PoolRole.LONG_CONTEXT)
+    if long_context is not None:
+        fields["long_context_threshold_tokens"] = long_context.context_threshold_tokens
     if spec.engine.value == "sim":
         if "profile" in args:
             fields["profile"] = args["profile"]
@@ -90,6 +97,13 @@ def worker_settings(
     if args:
         fields["engine_args"] = json.dumps({k: _json_value(v) for k, v in args.items()})
     return fields
+
+
+def placement_reason(rejection: str) -> str:
+    """A bounded label for a placement rejection (``"node-3: needs 4 GPUs, 2 free"`` ->
+    ``"needs N GPUs, N free"``): the node name dropped, numbers as N, at most 60 characters."""
+    text = rejection.split(": ", 1)[1] if ": " in rejection else rejection
+    return re.sub(r"\d+(\.\d+)?", "N", text).strip()[:60] or "unknown"
 
 
 def _json_value(value: str) -> object:
@@ -112,7 +126,9 @@ class DeploymentReconciler:
         settings: ReconcilerSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.workers = workers
         self.nodes = nodes
@@ -152,6 +168,15 @@ class DeploymentReconciler:
                 task.cancel()
 
     async def pass_once(self) -> Plan:
+        if self.metrics is None:
+            return await self._pass()
+        started = time.perf_counter()
+        try:
+            return await self._pass()
+        finally:
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    async def _pass(self) -> Plan:
         desired = await self.store.list_all()
         placements = await self.store.list_placements()
         workers = {w.worker_id: w for w in await self.workers.list_workers()}
@@ -181,10 +206,14 @@ class DeploymentReconciler:
             try:
                 if isinstance(action, StartReplica):
                     await self._start(action, nodes)
+                    self._count("start", "ok")
                 else:
                     self._stop(action)
             except Exception as e:  # one failing action must not stop the others
                 log.warning("%s failed: %s", type(action).__name__, e)
+                self._count("start" if isinstance(action, StartReplica) else "stop", "error")
+        if self.metrics is not None:
+            self._count_plan(plan)
         for name, status in plan.statuses.items():
             if self._statuses.get(name) != status:
                 await self.store.put_status(name, status)
@@ -205,6 +234,31 @@ class DeploymentReconciler:
             ReplicaLaunch(p.replica_id, p.ray_node_id, action.spec.gpus_per_replica, fields)
         )
 
+    # --- metrics -----------------------------------------------------------------------------
+
+    def _count(self, action: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reconcile_actions.labels(action, result).inc()
+
+    def _count_plan(self, plan: Plan) -> None:
+        """Placement failures (each pass a pool stays unplaceable, by its first reason) and
+        replicas replaced after dying (a stop for a lost replica)."""
+        assert self.metrics is not None
+        for name, status in plan.statuses.items():
+            for pool in status.pools:
+                if pool.unschedulable:
+                    reason = placement_reason(pool.unschedulable[0])
+                    self.metrics.placement_failures.labels(name, reason).inc()
+        for action in plan.actions:
+            if (
+                isinstance(action, StopReplica)
+                and action.reason.startswith("lost")
+                and action.placement is not None
+                and action.replica_id not in self._stopping
+            ):
+                p = action.placement
+                self.metrics.worker_restarts.labels(p.deployment, p.role.value).inc()
+
     def _stop(self, action: StopReplica) -> None:
         if action.replica_id in self._stopping:
             return
@@ -217,8 +271,10 @@ class DeploymentReconciler:
             await self.runtime.stop(action.replica_id, drain=action.drain)
             if action.placement is not None:
                 await self.store.delete_placement(action.placement)
+            self._count("stop", "ok")
         except Exception as e:
             log.warning("stopping %s failed (retried next pass): %s", action.replica_id, e)
+            self._count("stop", "error")
         finally:
             self._stopping.pop(action.replica_id, None)
             self.poke()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what Switchboard needs on a fresh machine, idempotently:
 #   - etcd (Debian's etcd-server / etcd-client) when no `etcd` binary is on PATH;
+#   - Prometheus and promtool (Debian's prometheus) when either binary is missing;
 #   - a Python 3.11 virtualenv in .venv with the project and its dev extras (editable).
 # Re-running is cheap: the venv is reinstalled only when pyproject.toml changes.
 set -euo pipefail
@@ -17,6 +18,15 @@ if ! command -v etcd >/dev/null 2>&1; then
   log "installing etcd (apt: etcd-server etcd-client)"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+
+# Prometheus and promtool (rule unit tests, `make up MONITORING=1`). Only the binaries are
+# used: a service the package may set up is never started by Switchboard.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  log "installing prometheus (apt: prometheus)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null
 fi
 
 PYTHON="${PYTHON:-}"

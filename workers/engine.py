@@ -100,6 +100,14 @@ class EngineStats:
     last_batch_size: int = 0  # sequences in the most recent decode step
     max_batch_size_seen: int = 0
     steps: int = 0
+    batch_context_tokens: int | None = None
+    """Context tokens the running sequences hold in all (what a decode step reads); None:
+    the engine does not know."""
+    queued_prefill_tokens: int | None = None
+    """Prompt tokens still to prefill (waiting prompts + the rest of running ones being
+    prefilled in chunks); None: the engine does not know."""
+    dp_rank_running: tuple[int, ...] = ()
+    """Data-parallel attention (MoE): running sequences per DP rank; empty: one rank."""
 
 
 class KvEventKind(enum.StrEnum):

@@ -1,7 +1,9 @@
 """The worker process (`switchboard worker`): one engine behind the Worker gRPC service.
 
 Lifecycle: start the engine and the gRPC server (with health and reflection), register
-``{prefix}/workers/<model>/<role>/<id>`` under a lease, push load reports to subscribers.
+``{prefix}/workers/<model>/<role>/<id>`` under a lease, push load reports to subscribers, serve
+Prometheus ``/metrics`` on ``metrics_port`` (its endpoint is in the record) and, with an OTLP
+endpoint, export spans.
 On SIGTERM / SIGINT it **drains**: health turns NOT_SERVING, the record says ``Draining``, new
 requests get UNAVAILABLE, in-flight requests finish (up to ``drain_timeout_s``), and only then
 is the lease revoked and the server stopped.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from switchboard.v1 import worker_pb2
 
 from controlplane.adapters.etcd.client import EtcdClient
@@ -31,6 +34,9 @@ from controlplane.config import EtcdSettings
 from controlplane.core.model import WorkerRecord, WorkerState
 from controlplane.errors import InvalidArgument
 from controlplane.registration import LeasedRecord
+from controlplane.telemetry import tracing
+from controlplane.telemetry.http_server import MetricsServer
+from controlplane.telemetry.metrics import WorkerMetrics
 from workers.engine import InferenceEngine, KvFetcher, Role
 from workers.kv_transfer import GrpcKvFetcher
 from workers.service import WorkerService
@@ -65,6 +71,20 @@ class WorkerSettings:
     """Load reports to WatchStats subscribers: 4 Hz by default (>= 2 Hz required)."""
     drain_timeout_s: float = 30.0
     port_file: str = ""
+    deployment: str = ""
+    """The deployment that placed this worker ("" when started by hand); in its record."""
+    pool: str = ""
+    """Its pool kind: prefill | decode | aggregated | long_context ("" unknown); in its record,
+    so routers send long prompts to the long_context pool and keep short ones off it."""
+    long_context_threshold_tokens: int = 0
+    """The deployment's long-context threshold (prompts of at least this many tokens go to its
+    long_context pool); 0: none."""
+    metrics_port: int = 0
+    """Serve Prometheus ``/metrics`` on this port of the ``listen`` host: 0 = any free port
+    (the chosen ``advertise_host:port`` goes into the worker's etcd record, where the control
+    plane's ``/sd/targets`` finds it), -1 = off."""
+    otlp_endpoint: str = ""
+    """Export traces over OTLP gRPC here ("": ``OTEL_EXPORTER_OTLP_ENDPOINT``, else off)."""
 
 
 def worker_settings_to_dict(settings: WorkerSettings) -> dict[str, Any]:
@@ -99,6 +119,32 @@ def engine_args(settings: WorkerSettings) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise InvalidArgument("--engine-args must be a JSON object")
     return parsed
+
+
+POOLS = ("", "prefill", "decode", "aggregated", "long_context")
+
+
+def check_pool(settings: WorkerSettings) -> None:
+    """The pool fields make sense together (InvalidArgument saying which does not)."""
+    if settings.pool not in POOLS:
+        raise InvalidArgument(
+            f"--pool {settings.pool!r} is not one of {', '.join(p for p in POOLS if p)}"
+        )
+    if settings.long_context_threshold_tokens < 0:
+        raise InvalidArgument("--long-context-threshold must be >= 0")
+    if settings.pool == "long_context" and settings.long_context_threshold_tokens <= 0:
+        raise InvalidArgument("a long_context pool worker needs --long-context-threshold > 0")
+
+
+def chunked_prefill(settings: WorkerSettings) -> bool:
+    """Whether the engine prefills long prompts in chunks between decode steps: sim always,
+    vLLM by default (``enable_chunked_prefill``), TensorRT-LLM when asked, cpu never."""
+    if settings.engine == "sim":
+        return True
+    flag = engine_args(settings).get("enable_chunked_prefill")
+    if settings.engine == "vllm":
+        return flag is None or bool(flag)
+    return settings.engine == "trtllm" and bool(flag)
 
 
 def build_engine(settings: WorkerSettings, address: str, kv_fetcher: KvFetcher) -> InferenceEngine:
@@ -136,10 +182,18 @@ async def run_worker(
     on_serving: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set, then drain. ``on_serving(address)`` once it is reachable."""
+    check_pool(settings)
     if settings.report_interval_s > 0.5:
         raise InvalidArgument("report_interval_s must be <= 0.5 (load reports at >= 2 Hz)")
+    if settings.metrics_port < -1 or settings.metrics_port > 65535:
+        raise InvalidArgument(f"--metrics-port {settings.metrics_port}: -1 (off), 0 or a port")
     server = GrpcServer(settings.listen)
-    fetcher = GrpcKvFetcher()
+    metrics = WorkerMetrics(CollectorRegistry(auto_describe=True))
+    tracer_provider = tracing.setup_tracing(
+        f"switchboard-worker-{settings.role.value}", settings.otlp_endpoint
+    )
+    tracer = tracing.tracer_of(tracer_provider)
+    fetcher = GrpcKvFetcher(model=settings.model, metrics=metrics, tracer=tracer)
     port = server.server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot bind worker to {settings.listen}")
@@ -150,7 +204,20 @@ async def run_worker(
         worker_id=settings.worker_id,
         role=settings.role,
         report_interval_s=settings.report_interval_s,
+        model=settings.model,
+        metrics=metrics,
+        tracer=tracer,
     )
+    metrics_server: MetricsServer | None = None
+    metrics_endpoint = ""
+    if settings.metrics_port >= 0:
+        service.update_gauges()
+        listen_host = settings.listen.rpartition(":")[0] or "127.0.0.1"
+        metrics_server = MetricsServer(
+            metrics.registry, host=listen_host, port=settings.metrics_port
+        )
+        metrics_port = await metrics_server.start()
+        metrics_endpoint = f"{settings.advertise_host}:{metrics_port}"
     server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await server.start(bind=False)
     await server.set_serving(True)
@@ -167,6 +234,11 @@ async def run_worker(
         max_context_tokens=engine.max_context_tokens,
         kv_blocks_total=engine.stats().kv_blocks_total,
         started_at=clock(),
+        deployment=settings.deployment,
+        pool=settings.pool,
+        long_context_threshold_tokens=settings.long_context_threshold_tokens,
+        chunked_prefill=chunked_prefill(settings),
+        metrics_endpoint=metrics_endpoint,
     )
 
     def snapshot(previous: WorkerRecord | None) -> WorkerRecord:
@@ -205,6 +277,10 @@ async def run_worker(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task  # registration revokes its lease on cancel
         await server.stop(grace_s=1.0)
+        if metrics_server is not None:
+            await metrics_server.close()
+        if tracer_provider is not None:
+            await asyncio.to_thread(tracer_provider.shutdown)
         await fetcher.close()
         await client.close()
         close = getattr(engine, "aclose", None)

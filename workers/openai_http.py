@@ -69,9 +69,12 @@ from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from controlplane.telemetry import tracing
+from controlplane.telemetry.metrics import HttpServerSnapshot, WorkerHttpMetrics
+from controlplane.telemetry.tracing import Tracer
 from workers.engine import (
     InferenceEngine,
     KvHandle,
@@ -157,6 +160,9 @@ class OpenAIApp:
         engine_id: ``kv_transfer_params.remote_engine_id`` (default: ``kv_address``).
         max_body_bytes: larger request bodies get 413.
         clock: wall-clock seconds, for the ``created`` fields.
+        tracer: OpenTelemetry tracer (None: off): a ``worker.http.request`` span per
+            generation request, child of the client's ``traceparent``; it is the current span
+            while the engine runs, so a KV fetch (``kv.transfer``) hangs under it.
     """
 
     def __init__(
@@ -170,8 +176,10 @@ class OpenAIApp:
         engine_id: str = "",
         max_body_bytes: int = 32 << 20,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer | None = None,
     ) -> None:
         self.engine = engine
+        self.tracer = tracer
         self.tokenizer = tokenizer
         self.model = model or engine.model
         self.role = role
@@ -182,7 +190,8 @@ class OpenAIApp:
         self.draining = False
         self.counters = _Counters()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_MetricsCollector(self))
+        WorkerHttpMetrics(self.registry, source=self._snapshot)
+        self.registry.register(_VllmAliases(self))
         self._created = int(clock())
         self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("POST", "/v1/completions"): self._completions,
@@ -196,6 +205,25 @@ class OpenAIApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await dispatch(self._routes, scope, receive, send)
+
+    def _snapshot(self) -> HttpServerSnapshot:
+        """The figures ``WorkerHttpMetrics`` reports at a scrape."""
+        s, c = self.engine.stats(), self.counters
+        return HttpServerSnapshot(
+            model=self.model,
+            running_requests=s.running_requests,
+            waiting_requests=s.waiting_requests,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_total=s.kv_blocks_total,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+            tokens_per_second=s.tokens_per_second,
+            batch_size=s.last_batch_size,
+            requests=dict(c.requests),
+            prompt_tokens=c.prompt_tokens,
+            generation_tokens=c.generation_tokens,
+            kv_fetch_fallbacks=c.kv_fetch_fallbacks,
+            disconnects=c.disconnects,
+        )
 
     # -- small routes -----------------------------------------------------------------------------
 
@@ -248,6 +276,17 @@ class OpenAIApp:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
+        span = None
+        if self.tracer is not None:
+            span = tracing.start_span(
+                self.tracer,
+                "worker.http.request",
+                tracing.parent_from_headers(scope["headers"]),
+                kind=tracing.SpanKind.SERVER,
+                attributes={"http.route": route, "switchboard.role": str(self.role)},
+            )
+        token = tracing.attach_span(span)
+        status = 499
         try:
             status = await self._serve(scope, body, send, exchange, chat=chat)
             self.counters.count(route, status)
@@ -258,6 +297,10 @@ class OpenAIApp:
             self.counters.disconnects += 1
         finally:
             watcher.cancel()
+            tracing.detach(token)
+            if span is not None:
+                span.set_attribute("http.status_code", status)
+                tracing.end_span(span, f"status {status}" if status != 200 else None)
 
     async def _serve(
         self, scope: Scope, body: bytes, send: Send, exchange: Exchange, *, chat: bool
@@ -543,93 +586,24 @@ class OpenAIApp:
 # --- metrics -------------------------------------------------------------------------------------
 
 
-class _MetricsCollector(Collector):
-    """Engine gauges (``engine.stats()``) and request counters, computed at scrape time.
-
-    ``switchboard_engine_*`` and ``switchboard_http_*`` are this server's names; the
-    ``vllm:*`` gauges repeat three of them under vLLM's names, so tools that read a vLLM
-    server's load (routers, autoscalers) read a simulated one the same way.
-    """
+class _VllmAliases(Collector):
+    """Three engine gauges again under vLLM's names (``vllm:*``), so tools that read a vLLM
+    server's load (routers, autoscalers) read this one the same way. Compatibility aliases,
+    not Switchboard metrics: Switchboard's own are ``WorkerHttpMetrics``
+    (controlplane/telemetry/metrics.py)."""
 
     def __init__(self, app: OpenAIApp) -> None:
         self._app = app
 
     def collect(self) -> Iterable[Metric]:
         app = self._app
-        model = [app.model]
         s = app.engine.stats()
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
-
-        def gauge(name: str, doc: str, value: float, label: str = "model") -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=[label])
-            g.add_metric(model, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["model"])
-            c.add_metric(model, value)
-            return c
-
-        yield gauge(
-            "switchboard_engine_running_requests", "Requests the engine is running.",
-            s.running_requests,
-        )  # fmt: skip
-        yield gauge(
-            "switchboard_engine_waiting_requests", "Requests waiting for the engine.",
-            s.waiting_requests,
-        )  # fmt: skip
-        yield gauge(
-            "switchboard_engine_kv_cache_usage_ratio", "KV-cache blocks in use / all blocks.", usage
-        )
-        yield gauge(
-            "switchboard_engine_kv_blocks_used", "KV-cache blocks in use.", s.kv_blocks_used
-        )
-        yield gauge(
-            "switchboard_engine_kv_blocks_total", "KV-cache blocks in all.", s.kv_blocks_total
-        )
-        yield gauge(
-            "switchboard_engine_prefix_cache_hit_rate",
-            "Prompt tokens served from the prefix cache / prompt tokens, recent admissions.",
-            s.prefix_cache_hit_rate,
-        )
-        yield gauge(
-            "switchboard_engine_tokens_per_second", "Tokens generated per second, recent window.",
-            s.tokens_per_second,
-        )  # fmt: skip
-        yield gauge(
-            "switchboard_engine_batch_size", "Sequences in the last engine step.", s.last_batch_size
-        )
-        requests = CounterMetricFamily(
-            "switchboard_http_requests",
-            "Generation requests answered, by route and HTTP status.",
-            labels=["model", "route", "status"],
-        )
-        for (route, status), n in sorted(app.counters.requests.items()):
-            requests.add_metric([app.model, route, str(status)], n)
-        yield requests
-        c = app.counters
-        yield counter("switchboard_http_prompt_tokens", "Prompt tokens accepted.", c.prompt_tokens)
-        yield counter(
-            "switchboard_http_generation_tokens", "Tokens generated.", c.generation_tokens
-        )
-        yield counter(
-            "switchboard_http_kv_fetch_fallbacks",
-            "Decode requests whose KV was gone, prefilled locally instead.",
-            c.kv_fetch_fallbacks,
-        )
-        yield counter(
-            "switchboard_http_client_disconnects",
-            "Requests whose client went away before the answer was complete (aborted).",
-            c.disconnects,
-        )
-        yield gauge(
-            "vllm:num_requests_running", "vLLM name: running requests.", s.running_requests,
-            "model_name",
-        )  # fmt: skip
-        yield gauge(
-            "vllm:num_requests_waiting", "vLLM name: waiting requests.", s.waiting_requests,
-            "model_name",
-        )  # fmt: skip
-        yield gauge(
-            "vllm:kv_cache_usage_perc", "vLLM name: KV-cache usage, 0-1.", usage, "model_name"
-        )
+        for name, doc, value in (
+            ("vllm:num_requests_running", "vLLM name: running requests.", s.running_requests),
+            ("vllm:num_requests_waiting", "vLLM name: waiting requests.", s.waiting_requests),
+            ("vllm:kv_cache_usage_perc", "vLLM name: KV-cache usage, 0-1.", usage),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([app.model], value)
+            yield g

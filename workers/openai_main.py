@@ -29,6 +29,7 @@ from switchboard.v1 import worker_pb2
 
 from controlplane.adapters.grpc.server import GrpcServer
 from controlplane.errors import InvalidArgument
+from controlplane.telemetry import tracing
 from workers.engine import InferenceEngine, Role
 from workers.kv_transfer import GrpcKvFetcher
 from workers.main import WorkerSettings, build_engine
@@ -70,6 +71,8 @@ class OpenAIServerSettings:
     drain_timeout_s: float = 30.0
     port_file: str = ""
     """Once serving, write "<http port> <grpc port>" here."""
+    otlp_endpoint: str = ""
+    """Export traces over OTLP gRPC here ("": ``OTEL_EXPORTER_OTLP_ENDPOINT``, else off)."""
 
 
 def build_tokenizer(settings: OpenAIServerSettings, engine: InferenceEngine) -> Tokenizer:
@@ -116,7 +119,11 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
     if grpc_port == 0:
         raise OSError(f"cannot bind the Worker gRPC service to port {settings.grpc_port}")
     kv_address = f"{advertise}:{grpc_port}"
-    fetcher = GrpcKvFetcher()
+    tracer_provider = tracing.setup_tracing(
+        f"switchboard-worker-{settings.role.value}", settings.otlp_endpoint
+    )
+    tracer = tracing.tracer_of(tracer_provider)
+    fetcher = GrpcKvFetcher(tracer=tracer)
     engine = build_engine(
         WorkerSettings(
             model=settings.model,
@@ -136,8 +143,9 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
         model=settings.model or None,
         role=settings.role,
         kv_address=kv_address,
+        tracer=tracer,
     )
-    service = WorkerService(engine, worker_id=settings.worker_id, role=settings.role)
+    service = WorkerService(engine, worker_id=settings.worker_id, role=settings.role, tracer=tracer)
     grpc_server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     sock = listen_socket(settings.host, settings.port)
     http_port = int(sock.getsockname()[1])
@@ -187,4 +195,6 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
         close = getattr(engine, "aclose", None)
         if close is not None:
             await close()
+        if tracer_provider is not None:
+            await asyncio.to_thread(tracer_provider.shutdown)
         log.info("stopped")

@@ -11,10 +11,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+from prometheus_client import Counter
 from switchboard.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 
 from controlplane.adapters.grpc.errors import server_stream, unary
 from controlplane.errors import FailedPrecondition, InvalidArgument, Unavailable
+from controlplane.telemetry import tracing
+from controlplane.telemetry.metrics import WorkerMetrics
+from controlplane.telemetry.tracing import Span, Tracer
 from workers.engine import (
     EngineStats,
     InferenceEngine,
@@ -73,7 +77,12 @@ def kv_from_pb(msg: worker_pb2.KvHandle) -> KvHandle:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    """Serves one engine. ``drain()`` stops new work and waits for in-flight work to finish."""
+    """Serves one engine. ``drain()`` stops new work and waits for in-flight work to finish.
+
+    ``metrics`` (with ``model``): tokens by kind, KV bytes sent, and the engine's load as
+    gauges (refreshed every report interval). ``tracer``: a ``worker.prefill`` /
+    ``worker.decode`` / ``worker.fetch_kv`` span per call, child of the caller's
+    ``traceparent`` metadata (see controlplane/telemetry/tracing.py); None: no spans."""
 
     def __init__(
         self,
@@ -83,10 +92,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         role: Role,
         report_interval_s: float = 0.25,
         subscriber_queue: int = 64,
+        model: str = "",
+        metrics: WorkerMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.role = role
+        self.model = model
+        self.metrics = metrics
+        self.tracer = tracer
+        self._token_counters: dict[str, Counter] = {}
         self.report_interval_s = report_interval_s
         self.draining = False
         self.inflight = 0
@@ -129,8 +145,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.PrefillResponse:
         request_id = _request_id(request.request_id)
         sampling = sampling_from_pb(request.sampling)
-        with self._work(Role.PREFILL):
-            res = await self.engine.prefill(request_id, tuple(request.prompt_token_ids), sampling)
+        span = self._span("worker.prefill", context, request_id)
+        try:
+            with self._work(Role.PREFILL):
+                res = await self.engine.prefill(
+                    request_id, tuple(request.prompt_token_ids), sampling
+                )
+        except BaseException as e:
+            tracing.end_span(span, e)
+            raise
+        if span is not None:
+            span.set_attribute("switchboard.cached_prompt_tokens", res.cached_prompt_tokens)
+            tracing.end_span(span)
+        if self.metrics is not None:
+            self._tokens("prefill", len(request.prompt_token_ids))
         return worker_pb2.PrefillResponse(
             request_id=res.request_id,
             first_token_id=res.first_token_id,
@@ -145,30 +173,44 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         request_id = _request_id(request.request_id)
         sampling = sampling_from_pb(request.sampling)
         prompt = tuple(request.prompt_token_ids)
-        with self._work(Role.DECODE):
-            if request.HasField("kv"):
-                stream = self.engine.decode(
-                    request_id, prompt, request.first_token_id, kv_from_pb(request.kv), sampling
-                )
-                completion = 1  # the first token came from the prefill worker
-            else:
-                stream = self.engine.generate(request_id, prompt, sampling)
-                completion = 0
-            finished = False
-            try:
-                async for chunk in stream:
-                    completion += len(chunk.token_ids)
-                    msg = worker_pb2.DecodeChunk(token_ids=list(chunk.token_ids))
-                    if chunk.finish_reason is not None:
-                        finished = True
-                        msg.finish_reason = chunk.finish_reason
-                        msg.usage.prompt_tokens = len(prompt)
-                        msg.usage.completion_tokens = completion
-                    yield msg
-            finally:
-                if not finished:  # the client went away or something broke: free the KV
-                    with contextlib.suppress(Exception):
-                        await self.engine.abort(request_id)
+        span = self._span("worker.decode", context, request_id)
+        token = tracing.attach_span(span)  # the KV fetcher's span finds its parent here
+        error: BaseException | None = None
+        try:
+            with self._work(Role.DECODE):
+                if request.HasField("kv"):
+                    stream = self.engine.decode(
+                        request_id, prompt, request.first_token_id, kv_from_pb(request.kv), sampling
+                    )
+                    completion = 1  # the first token came from the prefill worker
+                else:
+                    stream = self.engine.generate(request_id, prompt, sampling)
+                    completion = 0
+                    if self.metrics is not None:
+                        self._tokens("prefill", len(prompt))
+                finished = False
+                try:
+                    async for chunk in stream:
+                        completion += len(chunk.token_ids)
+                        if self.metrics is not None and chunk.token_ids:
+                            self._tokens("decode", len(chunk.token_ids))
+                        msg = worker_pb2.DecodeChunk(token_ids=list(chunk.token_ids))
+                        if chunk.finish_reason is not None:
+                            finished = True
+                            msg.finish_reason = chunk.finish_reason
+                            msg.usage.prompt_tokens = len(prompt)
+                            msg.usage.completion_tokens = completion
+                        yield msg
+                finally:
+                    if not finished:  # the client went away or something broke: free the KV
+                        with contextlib.suppress(Exception):
+                            await self.engine.abort(request_id)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            tracing.detach(token)
+            tracing.end_span(span, error)
 
     @server_stream
     async def FetchKv(
@@ -179,19 +221,31 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if request.chunk_bytes > MAX_KV_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_bytes exceeds {MAX_KV_CHUNK_BYTES}")
         size = request.chunk_bytes or DEFAULT_KV_CHUNK_BYTES
-        with self._work(Role.PREFILL):
-            data = self.engine.export_kv(request.kv_id)
-            total = len(data)
-            offsets = range(0, max(total, 1), size)
-            for seq, start in enumerate(offsets):
-                piece = data[start : start + size]
-                yield worker_pb2.KvChunk(
-                    sequence=seq,
-                    data=piece,
-                    total_bytes=total,
-                    crc32=zlib.crc32(piece),
-                    last=start + size >= total,
-                )
+        span = self._span("worker.fetch_kv", context, request.kv_id)
+        error: BaseException | None = None
+        try:
+            with self._work(Role.PREFILL):
+                data = self.engine.export_kv(request.kv_id)
+                total = len(data)
+                if span is not None:
+                    span.set_attribute("switchboard.kv_bytes", total)
+                if self.metrics is not None:
+                    self.metrics.kv_transfer_bytes.labels(self.model, "send").inc(total)
+                offsets = range(0, max(total, 1), size)
+                for seq, start in enumerate(offsets):
+                    piece = data[start : start + size]
+                    yield worker_pb2.KvChunk(
+                        sequence=seq,
+                        data=piece,
+                        total_bytes=total,
+                        crc32=zlib.crc32(piece),
+                        last=start + size >= total,
+                    )
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            tracing.end_span(span, error)
 
     @unary
     async def Abort(
@@ -219,6 +273,43 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             self._subscribers.discard(queue)
 
+    # --- telemetry -------------------------------------------------------------------------
+    def _span(self, name: str, context: Context, request_id: str) -> Span | None:
+        if self.tracer is None:
+            return None
+        return tracing.start_span(
+            self.tracer,
+            name,
+            tracing.parent_from_metadata(context.invocation_metadata()),
+            kind=tracing.SpanKind.SERVER,
+            attributes={
+                "switchboard.worker_id": self.worker_id,
+                "switchboard.request_id": request_id,
+                "switchboard.role": str(self.role),
+            },
+        )
+
+    def _tokens(self, kind: str, n: int) -> None:
+        assert self.metrics is not None
+        counter = self._token_counters.get(kind)
+        if counter is None:
+            labels = (self.worker_id, self.model, str(self.role), kind)
+            counter = self._token_counters[kind] = self.metrics.tokens.labels(*labels)
+        counter.inc(n)
+
+    def update_gauges(self, stats: EngineStats | None = None) -> None:
+        """Set the load gauges from the engine's stats (no-op without metrics)."""
+        if self.metrics is None:
+            return
+        stats = stats if stats is not None else self.engine.stats()
+        labels = (self.worker_id, self.model, str(self.role))
+        m = self.metrics
+        total = stats.kv_blocks_total
+        m.kv_cache_usage.labels(*labels).set(stats.kv_blocks_used / total if total else 0.0)
+        m.running.labels(*labels).set(stats.running_requests)
+        m.waiting.labels(*labels).set(stats.waiting_requests)
+        m.prefix_hit_ratio.labels(*labels).set(stats.prefix_cache_hit_rate)
+
     # --- load reports ----------------------------------------------------------------------
     def _report(self, stats: EngineStats, events: list[KvEvent]) -> worker_pb2.WorkerStats:
         self._sequence += 1
@@ -239,6 +330,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 for e in events
             ],
             sequence=self._sequence,
+            batch_context_tokens=stats.batch_context_tokens,
+            queued_prefill_tokens=stats.queued_prefill_tokens,
+            dp_rank_running=list(stats.dp_rank_running),
         )
 
     async def publish_forever(self) -> None:
@@ -246,6 +340,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         while True:
             await asyncio.sleep(self.report_interval_s)
             events = self.engine.drain_kv_events()
+            if self.metrics is not None:
+                self.update_gauges()
             if not self._subscribers:
                 continue
             report = self._report(self.engine.stats(), events)

@@ -18,10 +18,11 @@ A replica is one engine instance: ``tensor * pipeline`` GPUs on one node, each T
 GPU and it must have ``tensor == pipeline == 1``.
 
 Replica counts: ``replicas`` is the desired count now; ``[min_replicas, max_replicas]`` is the
-range the SLA planner may move it in. ``validate_spec`` is the one place these rules live; every
-error names the field path the user wrote, e.g. ``spec.pools[decode].min_replicas 3 >
-max_replicas 2``. Rules that depend on the nodes (``tensor 3`` on nodes with 2-GPU NVLink
-domains) are placement results, not spec errors.
+range the SLA planner may move it in when the pool has ``autoscaling: true`` (then the planner
+owns ``replicas``; ``keep_planner_replicas`` is the ownership rule). ``validate_spec`` is the
+one place these rules live; every error names the field path the user wrote, e.g.
+``spec.pools[decode].min_replicas 3 > max_replicas 2``. Rules that depend on the nodes
+(``tensor 3`` on nodes with 2-GPU NVLink domains) are placement results, not spec errors.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from controlplane.core.nodes import (
@@ -107,6 +108,10 @@ class Pool:
     """Soft preferences: label -> value; nodes matching more of them score higher."""
     context_threshold_tokens: int = 0
     """For ``long_context`` only: prompts of at least this many tokens go to this pool."""
+    autoscaling: bool = False
+    """True: the SLA planner owns ``replicas`` within ``[min_replicas, max_replicas]``; an apply
+    of the spec keeps the stored count (see ``controlplane/planner.py``). False: the spec's
+    ``replicas`` stands and the planner only recommends."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sla_classes", tuple(self.sla_classes))
@@ -358,3 +363,26 @@ def _check_pool(where: str, pool: Pool) -> None:
             f"{where}.context_threshold_tokens is only for a long_context pool, "
             f"got {pool.context_threshold_tokens}"
         )
+
+
+# --- field ownership --------------------------------------------------------------------------
+
+
+def keep_planner_replicas(
+    new: ModelDeploymentSpec, stored: ModelDeploymentSpec | None
+) -> ModelDeploymentSpec:
+    """A spec edit of a deployment whose pool is autoscaled keeps the stored ``replicas`` of that
+    pool (clamped into the edit's ``[min_replicas, max_replicas]``) instead of the document's:
+    the planner owns that one field, the edit owns the rest. A pool that just turned autoscaling
+    on takes the document's count."""
+    if stored is None:
+        return new
+    pools = []
+    for p in new.pools:
+        old = stored.pool(p.role)
+        if p.autoscaling and old is not None and old.autoscaling:
+            kept = max(p.min_replicas, min(p.max_replicas, old.replicas))
+            pools.append(replace(p, replicas=kept))
+        else:
+            pools.append(p)
+    return replace(new, pools=tuple(pools))

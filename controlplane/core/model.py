@@ -53,6 +53,8 @@ class NodeInventory:
     health_message: str = ""
     registered_at: float = 0.0  # unix seconds
     last_heartbeat: float = 0.0  # unix seconds
+    metrics_endpoint: str = ""
+    """host:port of the node agent's Prometheus ``/metrics`` ("" none)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen_map(self.labels))
@@ -129,3 +131,15 @@ class WorkerRecord:
     kv_blocks_total: int = 0
     state: WorkerState = WorkerState.SERVING
     started_at: float = 0.0
+    deployment: str = ""
+    """The deployment that placed it ("" for a worker started by hand)."""
+    pool: str = ""
+    """Its pool's kind (``PoolRole``: prefill | decode | aggregated | long_context); "" unknown."""
+    long_context_threshold_tokens: int = 0
+    """The deployment's long-context threshold: prompts of at least this many tokens go to its
+    long_context pool; 0: none."""
+    chunked_prefill: bool = False
+    """The engine prefills long prompts in chunks between decode steps."""
+    metrics_endpoint: str = ""
+    """host:port of its Prometheus ``/metrics`` ("" none): the control plane's
+    ``/sd/targets`` lists it for Prometheus."""

@@ -24,11 +24,24 @@ __all__ = [
 
 
 class RateLimited(SwitchboardError):
-    """The tenant is over its quota; retry after ``retry_after_s``."""
+    """The tenant is over its quota; retry after ``retry_after_s``. ``tenant``, ``sla_class``
+    and ``reason`` (the admission core's ``RejectReason`` value) say whose request was shed,
+    for the metrics ("" when unknown)."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float = 1.0,
+        *,
+        tenant: str = "",
+        sla_class: str = "",
+        reason: str = "",
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.tenant = tenant
+        self.sla_class = sla_class
+        self.reason = reason
 
 
 GATEWAY_ERROR_TABLE: ErrorTable = (

@@ -21,10 +21,11 @@ from switchboard.v1 import inference_pb2, inference_pb2_grpc
 
 from controlplane.adapters.grpc.errors import server_stream, unary
 from controlplane.errors import InvalidArgument, NotFound
-from controlplane.gateway.errors import GATE_STATUS
+from controlplane.gateway.errors import GATE_STATUS, RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext, RequestGate
 from controlplane.gateway.http_app import bearer_token
 from controlplane.gateway.pipeline import Gateway, Progress
+from controlplane.telemetry import tracing
 from workers.engine import SamplingParams, TokenChunk
 from workers.openai_protocol import text_deltas
 from workers.tokenizer import Message
@@ -56,17 +57,30 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         model = request.model
         code = "OK"
+        progress = Progress(arrived=self.gateway.clock())
+        if self.gateway.tracer is not None:
+            progress.span = tracing.start_span(
+                self.gateway.tracer,
+                "gateway.request",
+                tracing.parent_from_metadata(context.invocation_metadata()),
+                kind=tracing.SpanKind.SERVER,
+                attributes={"rpc.method": ROUTE},
+            )
         try:
-            async for msg in self._generate(request, context):
+            async for msg in self._generate(request, context, progress):
                 yield msg
         except BaseException as e:
             code = _code_name(e)
+            if progress.rejected is not None:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED.name
             raise
         finally:
-            self.metrics.requests.labels(ROUTE, code, model).inc()
+            self.gateway.finish(
+                ROUTE, code, model, progress, error=code != "OK", disconnected=code == "CANCELLED"
+            )
 
     async def _generate(
-        self, request: inference_pb2.GenerateRequest, context: Context
+        self, request: inference_pb2.GenerateRequest, context: Context, progress: Progress
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         gw = self.gateway
         model = request.model
@@ -106,6 +120,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         ticket = await self._admit(
             context,
+            progress,
             RequestContext(
                 request_id=request_id,
                 model=model,
@@ -116,8 +131,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 sla_class=request.sla_class,
             ),
         )
-        progress = Progress()
-        self.metrics.in_flight.inc()
+        progress.tenant = ticket.tenant_id
+        tenant = self.metrics.tenant_label(ticket.tenant_id)
+        self.metrics.prompt_tokens.labels(tenant, model).inc(len(prompt))
+        in_flight = self.metrics.in_flight.labels(model)
+        in_flight.inc()
         stream = gw.stream(
             request_id,
             model,
@@ -152,13 +170,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     return
         finally:
             await stream.aclose()
-            self.metrics.in_flight.dec()
+            in_flight.dec()
             self.gate.release(ticket, progress.tokens)
 
-    async def _admit(self, context: Context, ctx: RequestContext) -> AdmissionTicket:
+    async def _admit(
+        self, context: Context, progress: Progress, ctx: RequestContext
+    ) -> AdmissionTicket:
         try:
             return await self.gate.admit(ctx)
         except Exception as e:
+            if isinstance(e, RateLimited):
+                progress.rejected = e
             for cls, code in GATE_STATUS:
                 if isinstance(e, cls):
                     await context.abort(code, str(e))

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controlplane.gateway.errors import GATEWAY_ERROR_TABLE, RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext, RequestGate
 from controlplane.gateway.pipeline import Gateway, Progress
+from controlplane.telemetry import tracing
 from workers.engine import TokenChunk
 from workers.openai_protocol import (
     JSON_HEADERS,
@@ -91,8 +93,14 @@ class GatewayApp:
         *,
         max_body_bytes: int = 4 << 20,
         clock: Callable[[], float] = time.time,
+        replicas: Callable[[], int] = lambda: 1,
+        whoami: Callable[[str], str] | None = None,
     ) -> None:
         self.gateway = gateway
+        self.whoami = whoami
+        """API key -> tenant name (raises Unauthenticated), for ``GET /debug/requests/{id}``;
+        None (no tenants): every caller sees every request."""
+        self.replicas = replicas
         self.gate = gate
         self.metrics = gateway.metrics
         self.max_body_bytes = max_body_bytes
@@ -110,7 +118,41 @@ class GatewayApp:
         self._openapi_body = orjson.dumps(openapi_schema())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(DEBUG_REQUESTS):
+            await self._debug_request(scope, receive, send)
+            return
         await dispatch(self._routes, scope, receive, send)
+
+    async def _debug_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /debug/requests/{id}``: a recent request's routing decisions (the tenant's
+        own only; ``controlplane/gateway/decisions.py``)."""
+        if scope["method"] != "GET":
+            err = ApiError(
+                405, f"{scope['method']} is not allowed; use GET", code="method_not_allowed"
+            )
+            await send_error(send, err, [(b"allow", b"GET")])
+            return
+        request_id = unquote(scope["path"][len(DEBUG_REQUESTS) :])
+        try:
+            caller = None
+            if self.whoami is not None:
+                caller = self.whoami(bearer_token(header(scope, b"authorization")))
+        except Exception as e:
+            await send_error(send, gate_error(e))
+            return
+        entry = self.gateway.decisions.get(request_id) if request_id else None
+        if entry is None or (caller is not None and entry.tenant != caller):
+            await send_error(
+                send,
+                ApiError(
+                    404,
+                    f"no recent request {request_id[:80]!r} of yours on this gateway",
+                    type="not_found_error",
+                    code="not_found",
+                ),
+            )
+            return
+        await send_body(send, 200, orjson.dumps(entry.to_json()), JSON_HEADERS)
 
     # -- small routes -----------------------------------------------------------------------------
 
@@ -140,7 +182,8 @@ class GatewayApp:
         elif not self.gateway.view.synced.is_set():
             await send_body(send, 503, b'{"status":"syncing"}', JSON_HEADERS)
         else:
-            await send_body(send, 200, b'{"status":"ok"}', JSON_HEADERS)
+            body = orjson.dumps({"status": "ok", "replicas": self.replicas()})
+            await send_body(send, 200, body, JSON_HEADERS)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = generate_latest(self.metrics.registry)
@@ -159,37 +202,47 @@ class GatewayApp:
 
     async def _generation(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
         route = scope["path"]
+        progress = Progress(arrived=self.gateway.clock())
+        if self.gateway.tracer is not None:
+            progress.span = tracing.start_span(
+                self.gateway.tracer,
+                "gateway.request",
+                tracing.parent_from_headers(scope["headers"]),
+                kind=tracing.SpanKind.SERVER,
+                attributes={"http.route": route},
+            )
         state: dict[str, Any] = {"model": ""}
         exchange = Exchange()
         try:
             _check_content_type(scope)
             body = await read_body(receive, self.max_body_bytes)
         except ApiError as e:
-            self._count(route, e.status, "")
+            self.gateway.finish(route, str(e.status), "", progress, error=True)
             await send_error(send, e)
             return
         except ClientGone:
-            self.metrics.disconnects.inc()
+            self.gateway.finish(route, "499", "", progress, error=True, disconnected=True)
             return
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
-        self.metrics.in_flight.inc()
         try:
-            status = await self._serve(scope, body, send, exchange, state, chat=chat)
-            self._count(route, status, state["model"])
+            status = await self._serve(scope, body, send, exchange, state, progress, chat=chat)
+            self.gateway.finish(route, str(status), state["model"], progress, error=status != 200)
         except asyncio.CancelledError:
             if not exchange.disconnected:
                 raise
             task.uncancel()  # we cancelled ourselves: the client is gone
-            self.metrics.disconnects.inc()
-            self._count(route, 499, state["model"])
+            self.gateway.finish(
+                route, "499", state["model"], progress, error=True, disconnected=True
+            )
+        except Exception:
+            self.gateway.finish(route, "500", state["model"], progress, error=True)
+            raise
         finally:
-            self.metrics.in_flight.dec()
+            if state["model"]:
+                self.metrics.in_flight.labels(state["model"]).dec()
             watcher.cancel()
-
-    def _count(self, route: str, status: int, model: str) -> None:
-        self.metrics.requests.labels(route, str(status), model).inc()
 
     async def _serve(
         self,
@@ -198,11 +251,11 @@ class GatewayApp:
         send: Send,
         exchange: Exchange,
         state: dict[str, Any],
+        progress: Progress,
         *,
         chat: bool,
     ) -> int:
         ticket: AdmissionTicket | None = None
-        progress = Progress()
         if _wants_route_debug(scope):
             progress.explain_route = True
             send = _with_route_header(send, progress)
@@ -222,6 +275,7 @@ class GatewayApp:
                 if not self.gateway.view.has_model(model):
                     raise model_not_found(model, "GET /v1/models lists the served models")
                 state["model"] = model
+                self.metrics.in_flight.labels(model).inc()
                 tokenizer = self.gateway.tokenizer(model)
                 prepared = prepare(
                     req, tokenizer, max_context_tokens=self.gateway.max_context_tokens(model)
@@ -239,7 +293,9 @@ class GatewayApp:
                         sla_class=_sla_class(req, scope),
                     )
                 )
-                self.metrics.prompt_tokens.labels(model).inc(len(prepared.prompt))
+                progress.tenant = ticket.tenant_id
+                tenant = self.metrics.tenant_label(ticket.tenant_id)
+                self.metrics.prompt_tokens.labels(tenant, model).inc(len(prepared.prompt))
                 stream = self.gateway.stream(
                     request_id,
                     model,
@@ -254,6 +310,8 @@ class GatewayApp:
                 except StopAsyncIteration:
                     first = TokenChunk((), "abort")
             except Exception as e:
+                if isinstance(e, RateLimited):
+                    progress.rejected = e
                 err = gate_error(e)
                 exchange.responded = True
                 await send_error(send, err)
@@ -290,6 +348,7 @@ class GatewayApp:
                 self.gate.release(ticket, progress.tokens)
 
 
+DEBUG_REQUESTS = "/debug/requests/"
 ROUTE_HEADER = b"x-switchboard-route"
 
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,8 @@ import uvicorn
 from switchboard.v1 import inference_pb2
 
 from controlplane.adapters.etcd.client import EtcdClient
+from controlplane.adapters.etcd.deployments import DeploymentCache, EtcdDeploymentStore
+from controlplane.adapters.etcd.gateways import EtcdGatewayRegistry, GatewayPeers, GatewayRecord
 from controlplane.adapters.etcd.tenants import EtcdTenantStore, TenantCache
 from controlplane.adapters.grpc.server import GrpcServer
 from controlplane.config import EtcdSettings
@@ -36,13 +41,16 @@ from controlplane.errors import InvalidArgument
 from controlplane.gateway.gate import AllowAll, RequestGate
 from controlplane.gateway.grpc_inference import InferenceService
 from controlplane.gateway.http_app import GatewayApp
-from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gateway.model_routing import ModelRoutingCache
 from controlplane.gateway.pipeline import Gateway
 from controlplane.gateway.routing import CircuitBreakers, LeastLoadedRouter
+from controlplane.gateway.routing_profiles import load_profiles
 from controlplane.gateway.sla_routing import SlaGatewayRouter
 from controlplane.gateway.tenant_gate import TenantGate
 from controlplane.gateway.workers_view import WorkerChannels, WorkersView
+from controlplane.registration import LeasedRecord
+from controlplane.telemetry import tracing
+from controlplane.telemetry.metrics import GatewayMetrics
 from workers.openai_main import UvicornServer, listen_socket
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,19 @@ class GatewaySettings:
     """tenants: API keys and quotas from etcd (``switchboard tenants``); none: admit everyone."""
     slots_per_worker: int = 32
     """Requests one decoding worker takes at once before admission queues the rest."""
+    gateway_id: str = ""
+    """This replica's name in etcd ("": <hostname>-<pid>). Replicas register under a lease and
+    watch each other: tenants' quotas are split between the live replicas."""
+    lease_ttl_s: int = 10
+    """The registration's lease TTL: a replica that dies stops counting within it."""
+    otlp_endpoint: str = ""
+    """Export traces over OTLP gRPC to this endpoint ("": ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    else tracing off). ``/metrics`` is served on the HTTP port."""
+    tenant_label_cap: int = 100
+    """Distinct tenants named in metric labels; later ones are reported as "other"."""
+    routing_profiles: str = ""
+    """YAML file of routing profiles per deployment and SLA class ("": the built-in ones,
+    ``docs/routing-profiles.yaml``); read once at start, a bad file stops the start."""
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -82,13 +103,23 @@ async def run_gateway(
 ) -> None:
     client = EtcdClient(settings.etcd.endpoint, timeout_s=settings.etcd.timeout_s)
     channels = WorkerChannels()
-    view = WorkersView(client, settings.etcd.prefix, channels)
-    model_routing = ModelRoutingCache(view.model_info)
+    deployments = DeploymentCache(EtcdDeploymentStore(client, settings.etcd.prefix))
+    view = WorkersView(client, settings.etcd.prefix, channels, deployments=deployments)
+    model_routing = ModelRoutingCache(
+        view.model_info, threshold_lookup=view.long_context_threshold_tokens
+    )
+    profiles = load_profiles(settings.routing_profiles) if settings.routing_profiles else None
     sla_router = SlaGatewayRouter(
-        SlaAwareRouter(), timing_for=model_routing.timing_for, rng=random.Random()
+        SlaAwareRouter(profiles=profiles),
+        timing_for=model_routing.timing_for,
+        facts_for=model_routing.facts_for,
+        rng=random.Random(),
     )
     view.kv_sink = sla_router  # KV events from the WatchStats streams feed its prefix index
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(tenant_cap=settings.tenant_label_cap)
+    tracer_provider = tracing.setup_tracing("switchboard-gateway", settings.otlp_endpoint)
+    registry = EtcdGatewayRegistry(client, settings.etcd.prefix)
+    peers = GatewayPeers(registry)
     gateway = Gateway(
         view,
         LeastLoadedRouter(),
@@ -99,8 +130,13 @@ async def run_gateway(
         max_migrations=settings.max_migrations,
         sla_router=sla_router,
         model_routing=model_routing,
+        sla_classes=deployments.sla_classes,
+        tracer=tracing.tracer_of(tracer_provider),
     )
-    background: list[asyncio.Task[None]] = []
+    background: list[asyncio.Task[None]] = [
+        asyncio.create_task(deployments.run(), name="deployments"),
+        asyncio.create_task(peers.run(), name="gateway-peers"),
+    ]
     if gate is None and settings.auth == "tenants":
         tenants = TenantCache(EtcdTenantStore(client, settings.etcd.prefix))
         background.append(asyncio.create_task(tenants.run(), name="tenants"))
@@ -113,14 +149,27 @@ async def run_gateway(
             ]
             return settings.slots_per_worker * len(decoding)
 
-        tenant_gate = TenantGate(tenants, capacity, metrics=metrics)
+        tenant_gate = TenantGate(
+            tenants,
+            capacity,
+            classes=deployments.sla_classes,
+            metrics=metrics,
+            replicas=peers.count,
+        )
         background.append(asyncio.create_task(tenant_gate.run(), name="admission"))
         gate = tenant_gate
     elif gate is None and settings.auth == "none":
         gate = AllowAll()
     elif gate is None:
         raise InvalidArgument(f"auth must be tenants or none, not {settings.auth!r}")
-    app = GatewayApp(gateway, gate, max_body_bytes=settings.max_body_bytes)
+    whoami = (lambda key: gate.tenant(key).name) if isinstance(gate, TenantGate) else None
+    app = GatewayApp(
+        gateway,
+        gate,
+        max_body_bytes=settings.max_body_bytes,
+        replicas=peers.count,
+        whoami=whoami,
+    )
     host, port = _split(settings.listen)
     sock = listen_socket(host, port)
     http_port = int(sock.getsockname()[1])
@@ -145,7 +194,20 @@ async def run_gateway(
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_s)),
         )
     )
+    gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
+    me = GatewayRecord(
+        gateway_id, f"{host}:{http_port}", f"{host}:{grpc_port}" if grpc_port else "", time.time()
+    )
+    registration = LeasedRecord(
+        registry,
+        lambda _previous: me,
+        clock=time.time,
+        lease_ttl_s=settings.lease_ttl_s,
+        report_interval_s=settings.lease_ttl_s / 2,
+        name=f"gateway {gateway_id}",
+    )
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(view.run(), name="workers-view")]
+    tasks.append(asyncio.create_task(registration.run(), name="registration"))
     tasks += background
     try:
         if grpc_server is not None:
@@ -185,4 +247,6 @@ async def run_gateway(
         await gateway.close()
         await channels.close()
         await client.close()
+        if tracer_provider is not None:
+            await asyncio.to_thread(tracer_provider.shutdown)
         log.info("gateway stopped")

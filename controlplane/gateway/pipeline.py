@@ -52,8 +52,8 @@ from dataclasses import dataclass
 import grpc
 from switchboard.v1 import inference_pb2, worker_pb2
 
-from controlplane.core.routing import RouteRequest
-from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass
+from controlplane.core.routing import RouteRequest, Trace
+from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import DEFAULT_SLA_CLASS
 from controlplane.errors import (
     FailedPrecondition,
@@ -62,11 +62,15 @@ from controlplane.errors import (
     SwitchboardError,
     Unavailable,
 )
-from controlplane.gateway.metrics import GatewayMetrics
+from controlplane.gateway.decisions import DecisionLog
+from controlplane.gateway.errors import RateLimited
 from controlplane.gateway.model_routing import DEFAULT_SIM_PROFILE, ModelRoutingCache
 from controlplane.gateway.routing import CircuitBreakers, NoRoute, Route, Router, WorkerSnapshot
 from controlplane.gateway.sla_routing import SlaGatewayRouter, route_summary
 from controlplane.gateway.workers_view import ModelInfo, WorkersView
+from controlplane.telemetry import tracing
+from controlplane.telemetry.metrics import UNKNOWN, GatewayMetrics, SloTargets, TokenTimer
+from controlplane.telemetry.tracing import Span, Tracer
 from workers.engine import KvUnavailable, SamplingParams, TokenChunk, validate_prompt
 from workers.engines.sim_core import hash_blocks
 from workers.tokenizer import Tokenizer
@@ -121,6 +125,22 @@ class Progress:
     """Set by the caller: fill ``route`` (the ``X-Switchboard-Route`` debug header)."""
     route: str = ""
     """With ``explain_route``: the latest routing decision, one line (``route_summary``)."""
+    arrived: float | None = None
+    """Set by the caller: when the request reached the gateway (``Gateway.clock``); TTFT and
+    end-to-end latency count from it (default: when ``stream`` started)."""
+    span: Span | None = None
+    """Set by the caller when tracing is on: the request's span, parent of the router and
+    worker spans (see controlplane/telemetry/tracing.py)."""
+    timer: TokenTimer | None = None
+    """Set by ``stream``: the request's token timing, for ``Gateway.finish``."""
+    sla_class: str = ""
+    """Set by ``stream``: the class the request was measured against (its effective class)."""
+    failed: bool = False
+    """Set by ``stream``: it raised (the request failed after admission)."""
+    tenant: str = ""
+    """Set by the caller after admission: the ticket's tenant."""
+    rejected: RateLimited | None = None
+    """Set by the caller when admission shed the request."""
 
 
 def build_tokenizer(info: ModelInfo) -> Tokenizer:
@@ -150,14 +170,19 @@ class Gateway:
             routes every model.
         model_routing: per-model block size and timing model (default: from ``view``'s
             deployments, ``ModelRoutingCache``).
-        sla_classes: SLA classes by name (default ``DEFAULT_SLA_CLASSES``); a request's class
-            sets the targets the SLA router predicts against.
+        sla_classes: model -> its SLA classes by name (default: ``DEFAULT_SLA_CLASSES`` for
+            every model; the gateway passes ``DeploymentCache.sla_classes``, the deployment's
+            own); a request's class sets the targets the SLA router predicts against.
         breakers: per-worker circuit breakers.
         metrics: where TTFT / ITL / migrations / circuit events go.
         max_migrations: moves to another worker per request (retries before the first token
             included) before the request fails.
         prefill_timeout_s / decode_timeout_s: gRPC deadlines.
         clock: monotonic seconds, for breakers and latency histograms.
+        tracer: OpenTelemetry tracer (None: tracing off; no span is made).
+        plugin_timing_every: time the router's plugins on one decision in this many
+            (``switchboard_router_plugin_seconds`` is a sample; timing every decision costs
+            about 25 us of histogram updates).
         tokenizer_factory: ModelInfo -> Tokenizer (cached per model).
     """
 
@@ -175,13 +200,19 @@ class Gateway:
         tokenizer_factory: Callable[[ModelInfo], Tokenizer] = build_tokenizer,
         sla_router: SlaGatewayRouter | None = None,
         model_routing: ModelRoutingCache | None = None,
-        sla_classes: Mapping[str, SlaClass] | None = None,
+        sla_classes: Callable[[str], Mapping[str, SlaClass]] | None = None,
+        tracer: Tracer | None = None,
+        plugin_timing_every: int = 8,
     ) -> None:
         self.view = view
+        self.tracer = tracer
+        self.plugin_timing_every = max(1, plugin_timing_every)
+        self._decisions = 0
         self.router = router
         self.sla_router = sla_router
         self.model_routing = model_routing or ModelRoutingCache(view.model_info)
-        self.sla_classes = dict(sla_classes or {c.name: c for c in DEFAULT_SLA_CLASSES})
+        defaults = index_sla_classes(DEFAULT_SLA_CLASSES)
+        self.sla_classes = sla_classes or (lambda _model: defaults)
         self.breakers = breakers
         self.metrics = metrics
         self.max_migrations = max_migrations
@@ -191,6 +222,8 @@ class Gateway:
         self._tokenizer_factory = tokenizer_factory
         self._tokenizers: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], Tokenizer] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.decisions = DecisionLog()
+        """Recent requests' routing decisions (``GET /debug/requests/{id}``)."""
 
     # --- model facts ----------------------------------------------------------------------------
 
@@ -224,10 +257,12 @@ class Gateway:
 
     # --- routing --------------------------------------------------------------------------------
 
-    def sla_class(self, name: str) -> SlaClass:
-        """The class a request's targets come from: its own, else the default (``standard``)."""
-        cls = self.sla_classes.get(name) or self.sla_classes.get(DEFAULT_SLA_CLASS)
-        return cls if cls is not None else next(iter(self.sla_classes.values()))
+    def sla_class(self, model: str, name: str) -> SlaClass:
+        """The class a request's targets come from: its own, else the default (``standard``),
+        else the model's first class."""
+        classes = self.sla_classes(model)
+        cls = classes.get(name) or classes.get(DEFAULT_SLA_CLASS)
+        return cls if cls is not None else next(iter(classes.values()))
 
     def _route(
         self,
@@ -240,14 +275,21 @@ class Gateway:
         sla_class: str = "",
         tenant: str = "",
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> Route:
-        """Where this attempt goes (see the module docstring, 1.). Reads memory only."""
+        """Where this attempt goes (see the module docstring, 1.). Reads memory only; the
+        decision goes into ``decisions`` under ``request_id``."""
         now = self.clock()
         workers = self.view.snapshots(model, lambda w: self.breakers.allows(w, now))
         if not workers and not self.view.has_model(model):
             raise NotFound(f"model {model!r} is not served here")
+        span = None
+        if progress is not None and progress.span is not None:
+            span = tracing.start_span(self.tracer, "router.decision", progress.span)
         explain = progress is not None and progress.explain_route
         facts = self.model_routing.get(model) if self.sla_router is not None else None
+        trace: Trace | None = None
+        fallback = ""
         if self.sla_router is None or facts is None or facts.timing is None:
             route = self.router.route(workers, exclude=exclude, aggregated=aggregated)
             policy, summary = "least_loaded", ""
@@ -255,7 +297,7 @@ class Gateway:
                 summary = route_summary(route, policy=policy)
         else:
             request = RouteRequest.for_class(
-                self.sla_class(sla_class),
+                self.sla_class(model, sla_class),
                 model=model,
                 prompt_tokens=len(prompt),
                 max_tokens=max_tokens,
@@ -263,11 +305,16 @@ class Gateway:
                 block_hashes=hash_blocks(prompt, facts.block_size),
                 tenant=tenant,
             )
+            timed = self._decisions % self.plugin_timing_every == 0
+            self._decisions += 1
             sla_route, trace = self.sla_router.route_request(
-                request, workers, exclude=exclude, aggregated=aggregated
+                request,
+                workers,
+                exclude=exclude,
+                aggregated=aggregated,
+                clock=self.clock if timed else None,
             )
             route, policy = sla_route, "sla"
-            fallback = ""
             if isinstance(sla_route, NoRoute):
                 # the SLA router's filters are stricter than the hard ones (KV room for every
                 # output token by the last report): route least loaded; the engine queues it
@@ -281,11 +328,116 @@ class Gateway:
                 summary = route_summary(route, trace, policy=shown, fallback=fallback)
         if explain and progress is not None:
             progress.route = summary
+        if request_id:
+            chosen = route if isinstance(route, Route) else None
+            self.decisions.record(
+                request_id,
+                tenant=tenant,
+                model=model,
+                sla_class=sla_class,
+                policy=policy,
+                decode=chosen.decode.worker_id if chosen else "",
+                prefill=chosen.prefill.worker_id if chosen and chosen.prefill else "",
+                trace=trace,
+                at=time.time(),
+                fallback=fallback,
+            )
         if isinstance(route, NoRoute):
+            tracing.end_span(span, "no route")
             raise Unavailable(route.message(model))
-        remote = "remote" if route.prefill is not None else "local"
-        self.metrics.routes.labels(model, policy, remote).inc()
+        block_size = facts.block_size if facts is not None else 0
+        self._observe_route(model, policy, route, trace, len(prompt), block_size, now, span)
         return route
+
+    def _observe_route(
+        self,
+        model: str,
+        policy: str,
+        route: Route,
+        trace: Trace | None,
+        prompt_tokens: int,
+        block_size: int,
+        started: float,
+        span: Span | None,
+    ) -> None:
+        """Metrics (and the span) of one routing decision: its time, each plugin's, the
+        deciding plugin, the prefix-cache hit of the worker that will prefill."""
+        m = self.metrics
+        remote = "remote" if route.prefill is not None else "local"
+        m.routes.labels(model, policy, remote).inc()
+        m.router_decision.labels(model, policy).observe(self.clock() - started)
+        decider = policy
+        hit_tokens = 0
+        if trace is not None and policy == "sla":
+            for stage in (trace.decode, trace.prefill):
+                if stage is None:
+                    continue
+                for plugin, seconds in stage.plugin_seconds.items():
+                    m.plugin_histogram(plugin).observe(seconds)
+            decider = next(iter(trace.decode.deciders()), policy)
+            prefiller = trace.prefill if route.prefill is not None else trace.decode
+            if prefiller is not None and prefiller.chosen is not None:
+                cached = prefiller.candidate(prefiller.chosen).cached_blocks
+                hit_tokens = min(prompt_tokens, cached * block_size)
+            m.prefix_query_tokens.labels(model).inc(prompt_tokens)
+            if hit_tokens:
+                m.prefix_hit_tokens.labels(model).inc(hit_tokens)
+        m.router_reasons.labels(model, decider).inc()
+        if span is not None:
+            span.set_attributes(
+                {
+                    "switchboard.policy": policy,
+                    "switchboard.decode_worker": route.decode.worker_id,
+                    "switchboard.prefill_worker": (
+                        route.prefill.worker_id if route.prefill is not None else ""
+                    ),
+                    "switchboard.decider": decider,
+                    "switchboard.prefix_hit_tokens": hit_tokens,
+                }
+            )
+            span.end()
+
+    def finish(
+        self,
+        route: str,
+        status: str,
+        model: str,
+        progress: Progress,
+        *,
+        error: bool,
+        disconnected: bool = False,
+    ) -> str | None:
+        """Count one request's end, once, when its answer is over: ``requests_total``; for an
+        admitted request its SLO (``judge_slo``, controlplane/telemetry/metrics.py: met, or
+        missed for ttft / itl / error), for a shed one an SLO miss ``shed``; aborts; and end
+        its span. ``error``: it failed (any non-success answer); ``disconnected``: the client
+        left. Returns the SLO miss reason (None: met, or not counted)."""
+        m = self.metrics
+        tenant, cls = progress.tenant, progress.sla_class
+        failed = error or disconnected or progress.failed
+        reason: str | None = None
+        if progress.timer is not None:
+            sla = self.sla_class(model, cls)
+            outcome = progress.timer.outcome(self.clock(), error=failed)
+            reason = m.record_slo(tenant, model, sla.name, SloTargets.of(sla), outcome)
+            if disconnected:
+                m.aborts.labels(model, "client_disconnect").inc()
+            elif failed:
+                m.aborts.labels(model, "error").inc()
+        elif progress.rejected is not None:
+            tenant, cls = progress.rejected.tenant, progress.rejected.sla_class
+            reason = "shed"
+            m.slo_missed.labels(m.tenant_label(tenant), model, cls or UNKNOWN, reason).inc()
+        elif disconnected:
+            m.aborts.labels(model, "client_disconnect").inc()
+        m.requests.labels(m.tenant_label(tenant), model, cls or UNKNOWN, route, status).inc()
+        span = progress.span
+        if span is not None:
+            span.set_attributes(
+                {"switchboard.status": status, "switchboard.tokens": progress.tokens}
+            )
+            tracing.end_span(span, f"status {status}" if failed else None)
+        return reason
 
     def _failed(self, model: str, worker: WorkerSnapshot) -> None:
         if self.breakers.record_failure(worker.worker_id, self.clock()):
@@ -314,82 +466,103 @@ class Gateway:
         moves = 0
         aggregated = False
         started = self.clock()
-        last = 0.0
-        while True:
-            remaining = sampling.max_tokens - len(sent)
-            if remaining <= 0:
-                yield TokenChunk((), "length")
-                return
-            attempt_prompt = prompt + tuple(sent)
-            route = self._route(
-                model,
-                attempt_prompt,
-                remaining,
-                frozenset(exclude),
-                aggregated,
-                sla_class=sla_class,
-                tenant=tenant,
-                progress=progress,
-            )
-            attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
-            attempt = self._attempt(
-                attempt_id,
-                route,
-                attempt_prompt,
-                dataclasses.replace(sampling, max_tokens=remaining),
-                model,
-            )
-            progress.worker_ids = (*progress.worker_ids, route.decode.worker_id)
-            try:
-                async for chunk in attempt:
-                    ids = chunk.token_ids
-                    finish = chunk.finish_reason
-                    if stop_ids:
-                        for i, t in enumerate(ids):
-                            if t in stop_ids:
-                                ids, finish = ids[: i + 1], "stop"
-                                break
-                    if not ids and finish is None:
-                        continue
-                    now = self.clock()
-                    if ids:
-                        if not sent:
-                            self.metrics.ttft.labels(model).observe(now - started)
-                        else:
-                            self.metrics.itl.labels(model).observe((now - last) / len(ids))
-                        last = now
-                    sent.extend(ids)
-                    progress.tokens = len(sent)
-                    self.metrics.generation_tokens.labels(model).inc(len(ids))
-                    yield TokenChunk(ids, finish)
-                    if finish is not None:
-                        return
-                raise WorkerFailed(route.decode.worker_id, "stream ended without a finish reason")
-            except WorkerFailed as e:
-                failed = next(
-                    (w for w in (route.decode, route.prefill) if w and w.worker_id == e.worker_id),
-                    route.decode,
+        timer = TokenTimer(progress.arrived if progress.arrived is not None else started)
+        progress.timer = timer
+        progress.sla_class = cls = self.sla_class(model, sla_class).name
+        m = self.metrics
+        tenant_label = m.tenant_label(tenant)
+        ttft = m.ttft.labels(tenant_label, model, cls)
+        itl = m.itl.labels(tenant_label, model, cls)
+        generated = m.generation_tokens.labels(tenant_label, model)
+        metadata = tracing.grpc_metadata(progress.span)  # None when tracing is off
+        try:
+            while True:
+                remaining = sampling.max_tokens - len(sent)
+                if remaining <= 0:
+                    yield TokenChunk((), "length")
+                    return
+                attempt_prompt = prompt + tuple(sent)
+                route = self._route(
+                    model,
+                    attempt_prompt,
+                    remaining,
+                    frozenset(exclude),
+                    aggregated,
+                    sla_class=sla_class,
+                    tenant=tenant,
+                    progress=progress,
+                    request_id=request_id,
                 )
-                self._failed(model, failed)
-                moves += 1
-                if moves > self.max_migrations:
-                    raise Unavailable(
-                        f"request {request_id} failed after {moves - 1} moves to other workers; "
-                        f"last: {e}"
-                    ) from None
-                if sent:
-                    progress.migrations += 1
-                    self.metrics.migrations.labels(model).inc()
-                    log.warning(
-                        "request %s: %s after %d tokens; migrating", request_id, e, len(sent)
+                attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
+                attempt = self._attempt(
+                    attempt_id,
+                    route,
+                    attempt_prompt,
+                    dataclasses.replace(sampling, max_tokens=remaining),
+                    model,
+                    metadata,
+                )
+                progress.worker_ids = (*progress.worker_ids, route.decode.worker_id)
+                try:
+                    async for chunk in attempt:
+                        ids = chunk.token_ids
+                        finish = chunk.finish_reason
+                        if stop_ids:
+                            for i, t in enumerate(ids):
+                                if t in stop_ids:
+                                    ids, finish = ids[: i + 1], "stop"
+                                    break
+                        if not ids and finish is None:
+                            continue
+                        if ids:
+                            now = self.clock()
+                            gap = timer.tokens(len(ids), now)
+                            if gap is None:
+                                ttft.observe(now - timer.started)
+                            else:
+                                itl.observe(gap)
+                            generated.inc(len(ids))
+                        sent.extend(ids)
+                        progress.tokens = len(sent)
+                        yield TokenChunk(ids, finish)
+                        if finish is not None:
+                            return
+                    raise WorkerFailed(
+                        route.decode.worker_id, "stream ended without a finish reason"
                     )
-                else:
-                    self.metrics.retries.labels(model).inc()
-                    log.warning("request %s: %s; retrying elsewhere", request_id, e)
-                exclude.add(e.worker_id)
-                aggregated = True
-            finally:
-                await attempt.aclose()
+                except WorkerFailed as e:
+                    failed = next(
+                        (
+                            w
+                            for w in (route.decode, route.prefill)
+                            if w and w.worker_id == e.worker_id
+                        ),
+                        route.decode,
+                    )
+                    self._failed(model, failed)
+                    moves += 1
+                    if moves > self.max_migrations:
+                        raise Unavailable(
+                            f"request {request_id} failed after {moves - 1} moves to other "
+                            f"workers; last: {e}"
+                        ) from None
+                    if sent:
+                        progress.migrations += 1
+                        self.metrics.migrations.labels(model).inc()
+                        log.warning(
+                            "request %s: %s after %d tokens; migrating", request_id, e, len(sent)
+                        )
+                    else:
+                        self.metrics.retries.labels(model).inc()
+                        log.warning("request %s: %s; retrying elsewhere", request_id, e)
+                    exclude.add(e.worker_id)
+                    aggregated = True
+                finally:
+                    await attempt.aclose()
+
+        except Exception:
+            progress.failed = True
+            raise
 
     async def _attempt(
         self,
@@ -398,19 +571,21 @@ class Gateway:
         prompt: tuple[int, ...],
         sampling: SamplingParams,
         model: str,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        """One route's worth of tokens; raises ``WorkerFailed`` when a worker fails it."""
+        """One route's worth of tokens; raises ``WorkerFailed`` when a worker fails it.
+        ``metadata``: gRPC metadata for the workers (the trace context)."""
         sampling_pb = _sampling_pb(sampling)
         decode = route.decode
         if route.prefill is None:
             request = worker_pb2.DecodeRequest(
                 request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
             )
-            async for chunk in self._decode(decode, request):
+            async for chunk in self._decode(decode, request, metadata):
                 yield chunk
             return
         prefill = route.prefill
-        res = await self._prefill(prefill, request_id, prompt, sampling_pb)
+        res = await self._prefill(prefill, request_id, prompt, sampling_pb, metadata)
         first = res.first_token_id
         handed = False
         try:
@@ -427,7 +602,7 @@ class Gateway:
                     first_token_id=first,
                     sampling=sampling_pb,
                 )
-                stream = self._decode(decode, request)
+                stream = self._decode(decode, request, metadata)
                 try:
                     try:
                         head = await anext(stream)
@@ -436,7 +611,9 @@ class Gateway:
                             raise
                         log.info("request %s: %s; prefilling again", request_id, e)
                         self.metrics.reprefills.labels(model).inc()
-                        res = await self._prefill(prefill, request_id, prompt, sampling_pb)
+                        res = await self._prefill(
+                            prefill, request_id, prompt, sampling_pb, metadata
+                        )
                         continue
                     except StopAsyncIteration:
                         return
@@ -458,6 +635,7 @@ class Gateway:
         request_id: str,
         prompt: tuple[int, ...],
         sampling: inference_pb2.SamplingParams,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> worker_pb2.PrefillResponse:
         stub = self.view.channels.stub(worker.endpoint)
         self.breakers.acquire(worker.worker_id, self.clock())
@@ -468,6 +646,7 @@ class Gateway:
                         request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling
                     ),
                     timeout=self.prefill_timeout_s,
+                    metadata=metadata,
                 )
             except asyncio.CancelledError:
                 self._abort_later(worker, request_id)
@@ -478,14 +657,17 @@ class Gateway:
         return res
 
     async def _decode(
-        self, worker: WorkerSnapshot, request: worker_pb2.DecodeRequest
+        self,
+        worker: WorkerSnapshot,
+        request: worker_pb2.DecodeRequest,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         stub = self.view.channels.stub(worker.endpoint)
         self.breakers.acquire(worker.worker_id, self.clock())
         finished = False
         succeeded = False
         with self.view.in_flight(worker.worker_id):
-            call = stub.Decode(request, timeout=self.decode_timeout_s)
+            call = stub.Decode(request, timeout=self.decode_timeout_s, metadata=metadata)
             try:
                 async for msg in call:
                     if not succeeded:

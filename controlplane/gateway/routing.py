@@ -47,6 +47,16 @@ class WorkerSnapshot:
     kv_blocks_total: int = 0
     circuit_allows: bool = True
     max_context_tokens: int = 0
+    pool: str = ""
+    """The worker's pool kind from its record ("long_context", ...; "" unknown)."""
+    chunked_prefill: bool = False
+    batch_size: int = 0
+    """Sequences in its decode batch (running requests, by the last report)."""
+    batch_context_tokens: int = 0
+    """Context tokens the batch holds in all (0 when the engine does not report it)."""
+    queued_prefill_tokens: int | None = None
+    """Prompt tokens waiting to be prefilled; None: the engine does not report it."""
+    dp_rank_running: tuple[int, ...] = ()
 
     @property
     def load(self) -> int:

@@ -5,9 +5,11 @@ The request path (``pipeline.py``) calls it for every model that has a timing mo
 
 * ``route_request(request, snapshots, exclude=..., aggregated=...)`` -> ``(Route | NoRoute,
   Trace)``: converts the gateway's ``WorkerSnapshot`` s to the core's ``WorkerState`` s (the
-  timing model and pool come from callables the composition root supplies, e.g. the
-  deployment's sim profile and pool role), runs ``SlaAwareRouter.route`` with this adapter's
-  own ``random.Random``, and maps the decision back to snapshots;
+  timing model comes from a callable the composition root supplies, e.g. the deployment's sim
+  profile; the pool from the worker's record), fills in the model's ``DeploymentFacts``
+  (``facts_for``: threshold, MoE layout, profile key), runs ``SlaAwareRouter.route`` with this
+  adapter's own ``random.Random`` and the ``TenantLedger`` 's shares, charges the ledger, and
+  maps the decision back to snapshots;
 * ``route(...)``: the plain ``Router`` protocol, for callers that have no request to describe;
   without a prompt and SLA targets there is nothing to predict with, so it falls back to
   ``LeastLoadedRouter``;
@@ -22,13 +24,18 @@ loop's thread (no locks needed).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from controlplane.core.routing import (
+    NO_DEPLOYMENT,
     Decision,
+    DeploymentFacts,
     RouteRequest,
     SlaAwareRouter,
+    TenantShares,
     TimingModel,
     Trace,
     WorkerState,
@@ -50,27 +57,82 @@ class KvEventLike(Protocol):
 
 
 def worker_state(
-    snapshot: WorkerSnapshot, *, model: str, timing: TimingModel, pool: str = ""
+    snapshot: WorkerSnapshot, *, model: str, timing: TimingModel, pool: str | None = None
 ) -> WorkerState:
-    """The core's view of one gateway snapshot. The snapshot reports no batch context or
-    queued prefill tokens yet: the batch is taken as its running requests, the context and
-    the queue as unknown (see ``controlplane.core.routing.predict``)."""
+    """The core's view of one gateway snapshot: its record (pool, chunked prefill, context
+    window) and last report (batch, its context tokens, queued prefill tokens; an engine that
+    does not report the queue leaves it unknown, see ``controlplane.core.routing.predict``).
+    ``pool`` overrides the record's."""
     return WorkerState(
         worker_id=snapshot.worker_id,
         model=model,
         role=snapshot.role,
         timing=timing,
-        pool=pool,
+        pool=snapshot.pool if pool is None else pool,
         serving=snapshot.serving,
         circuit_allows=snapshot.circuit_allows,
         running=snapshot.running,
         waiting=snapshot.waiting,
         inflight_here=snapshot.inflight_here,
-        batch_size=snapshot.running,
+        queued_prefill_tokens=snapshot.queued_prefill_tokens,
+        batch_size=snapshot.batch_size or snapshot.running,
+        context_tokens=snapshot.batch_context_tokens,
         kv_blocks_used=snapshot.kv_blocks_used,
         kv_blocks_total=snapshot.kv_blocks_total,
         max_context_tokens=snapshot.max_context_tokens,
+        chunked_prefill=snapshot.chunked_prefill,
+        dp_rank_running=snapshot.dp_rank_running,
     )
+
+
+class TenantLedger:
+    """Recent tokens per tenant, overall and per worker, for the fair-share scorer: each
+    routed request adds its prompt + ``max_tokens`` (what it may cost the worker) to its
+    tenant on its decode worker; every value halves each ``half_life_s``. The decay runs at
+    most eight times per half-life, over the (few) entries, never per routing call; the core
+    reads the live maps through ``shares`` (read-only by contract)."""
+
+    def __init__(
+        self, *, half_life_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.half_life_s = half_life_s
+        self._clock = clock
+        self._by_tenant: dict[str, float] = {}
+        self._by_worker: dict[str, dict[str, float]] = {}
+        self._decayed_at = clock()
+
+    def add(self, worker_id: str, tenant: str, tokens: float) -> None:
+        if not tenant or tokens <= 0:
+            return
+        self._decay()
+        self._by_tenant[tenant] = self._by_tenant.get(tenant, 0.0) + tokens
+        per = self._by_worker.setdefault(worker_id, {})
+        per[tenant] = per.get(tenant, 0.0) + tokens
+
+    def _decay(self) -> None:
+        now = self._clock()
+        elapsed = now - self._decayed_at
+        if elapsed < self.half_life_s / 8:
+            return
+        self._decayed_at = now
+        factor = 0.5 ** (elapsed / self.half_life_s)
+        self._by_tenant = {t: v * factor for t, v in self._by_tenant.items() if v * factor >= 1}
+        by_worker: dict[str, dict[str, float]] = {}
+        for w, per in self._by_worker.items():
+            kept = {t: v * factor for t, v in per.items() if v * factor >= 1}
+            if kept:
+                by_worker[w] = kept
+        self._by_worker = by_worker
+
+    def shares(self) -> TenantShares | None:
+        """The current view (None while nothing was served)."""
+        self._decay()
+        if not self._by_tenant:
+            return None
+        return TenantShares(self._by_tenant, self._by_worker)
+
+    def forget_worker(self, worker_id: str) -> None:
+        self._by_worker.pop(worker_id, None)
 
 
 class SlaGatewayRouter:
@@ -81,12 +143,19 @@ class SlaGatewayRouter:
         core: SlaAwareRouter,
         *,
         timing_for: Callable[[str, WorkerSnapshot], TimingModel],
-        pool_for: Callable[[WorkerSnapshot], str] = lambda s: "",
+        pool_for: Callable[[WorkerSnapshot], str] | None = None,
+        facts_for: Callable[[str], DeploymentFacts] | None = None,
+        ledger: TenantLedger | None = None,
         rng: random.Random,
     ) -> None:
+        """``pool_for``: a worker's pool (default: its record's); ``facts_for``: the model's
+        deployment facts, for requests that come without them; ``ledger``: tokens per tenant
+        (default: a fresh one)."""
         self.core = core
         self._timing_for = timing_for
         self._pool_for = pool_for
+        self._facts_for = facts_for
+        self.ledger = ledger if ledger is not None else TenantLedger()
         self._rng = rng
         self._fallback = LeastLoadedRouter()
 
@@ -107,20 +176,37 @@ class SlaGatewayRouter:
         *,
         exclude: frozenset[str] = frozenset(),
         aggregated: bool = False,
+        clock: Callable[[], float] | None = None,
     ) -> tuple[Route | NoRoute, Trace]:
-        """Route ``request`` over ``workers`` (all of ``request.model``)."""
+        """Route ``request`` over ``workers`` (all of ``request.model``); ``clock``: time each
+        plugin with it (the trace's ``plugin_seconds``; None: not timed). A request without
+        deployment facts gets the model's (``facts_for``). The decode worker's tenant ledger
+        is charged with the request's prompt + ``max_tokens``."""
+        if request.deployment is NO_DEPLOYMENT and self._facts_for is not None:
+            facts = self._facts_for(request.model)
+            if facts is not NO_DEPLOYMENT:
+                request = replace(request, deployment=facts)
         by_id = {w.worker_id: w for w in workers}
         states = [
             worker_state(
                 w,
                 model=request.model,
                 timing=self._timing_for(request.model, w),
-                pool=self._pool_for(w),
+                pool=None if self._pool_for is None else self._pool_for(w),
             )
             for w in workers
         ]
-        out = self.core.route(request, states, self._rng, exclude=exclude, aggregated=aggregated)
+        out = self.core.route(
+            request,
+            states,
+            self._rng,
+            exclude=exclude,
+            aggregated=aggregated,
+            tenants=self.ledger.shares() if request.tenant else None,
+            clock=clock,
+        )
         if isinstance(out, Decision):
+            self.ledger.add(out.decode.worker_id, request.tenant, request.total_tokens)
             prefill = by_id[out.prefill.worker_id] if out.prefill is not None else None
             return Route(decode=by_id[out.decode.worker_id], prefill=prefill), out.trace
         return NoRoute(out.reasons), out.trace
@@ -131,6 +217,7 @@ class SlaGatewayRouter:
 
     def forget_worker(self, worker_id: str) -> None:
         self.core.index.forget_worker(worker_id)
+        self.ledger.forget_worker(worker_id)
 
 
 def _clean(text: str) -> str:

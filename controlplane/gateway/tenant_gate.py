@@ -5,7 +5,10 @@
    is answered as if it did not exist (404, "does not exist or you do not have access to it", as
    OpenAI does), so tenants cannot probe each other's models; ``/v1/models`` lists only the
    tenant's. A requested SLA class (body ``sla_class`` or ``X-SLA-Class``) that does not exist
-   is ``InvalidArgument`` (400), one the tenant may not use ``PermissionDenied`` (403).
+   is ``InvalidArgument`` (400), one the tenant may not use ``PermissionDenied`` (403). The
+   classes are the model's deployment's own (``sla_classes`` in its spec, watch-fed through
+   ``classes``) or the defaults; a request naming none runs in its tenant's default class, or,
+   when the model does not offer that one, in the least important class the tenant may use.
 2. **When**: one pure ``AdmissionController`` per model (controlplane/core/admission.py) applies
    the tenant's requests/min, tokens/min and max-concurrent quotas, and queues requests while
    the model's capacity is in use — by class priority, then fair share of tokens served between
@@ -14,8 +17,12 @@
    ``Retry-After`` where the core gives one; RESOURCE_EXHAUSTED over gRPC) with the reason.
    A client that leaves while queued is taken out of the queue; ``release`` charges the tokens
    actually served and hands freed slots to the queue. ``run`` expires overdue queued requests
-   every ``expire_interval_s``. With ``metrics``: requests that had to queue, per model,
-   tenant and class, and the queue depth per model.
+   every ``expire_interval_s``. Quotas are fleet-wide: with ``replicas`` (the live gateway
+   replicas, watch-fed from etcd) above 1, each replica enforces its share
+   (``admission.quota_share``: each limit divided by the replica count, rounded up). With
+   ``metrics``: requests that had to queue and requests rejected (by reason), per tenant,
+   model and class; the queue wait of every admitted request; the queue depth per model and
+   class.
 """
 
 from __future__ import annotations
@@ -32,17 +39,32 @@ from controlplane.core.admission import (
     Admitted,
     Queued,
     Rejected,
+    quota_share,
 )
-from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass
+from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import Tenant, resolve_sla_class, tenant_allows_model
-from controlplane.errors import InvalidArgument, NotFound, Unauthenticated
+from controlplane.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from controlplane.gateway.errors import RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext
-from controlplane.gateway.metrics import GatewayMetrics
+from controlplane.telemetry.metrics import GatewayMetrics
 
 
 class TenantLookup(Protocol):
     def authenticate(self, api_key: str) -> Tenant | None: ...
+
+
+def _fallback_class(tenant: Tenant, classes: Mapping[str, SlaClass]) -> str:
+    """For a request naming no class whose tenant's default the model does not offer: the
+    model's least important class the tenant may use (PermissionDenied when there is none)."""
+    allowed = [
+        c for c in classes.values() if not tenant.sla_classes or c.name in tenant.sla_classes
+    ]
+    if not allowed:
+        raise PermissionDenied(
+            f"tenant {tenant.name!r} may use none of this model's SLA classes "
+            f"({', '.join(sorted(classes))})"
+        )
+    return max(allowed, key=lambda c: (c.priority, c.name)).name
 
 
 def model_hidden(model: str) -> NotFound:
@@ -55,20 +77,24 @@ class TenantGate:
         tenants: TenantLookup,
         capacity: Callable[[str], int],
         *,
-        classes: Mapping[str, SlaClass] | None = None,
+        classes: Callable[[str], Mapping[str, SlaClass]] | None = None,
         config: AdmissionConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         expire_interval_s: float = 0.1,
         metrics: GatewayMetrics | None = None,
+        replicas: Callable[[], int] = lambda: 1,
     ) -> None:
         self.tenants = tenants
         self.capacity = capacity
-        self.classes = dict(classes or {c.name: c for c in DEFAULT_SLA_CLASSES})
+        defaults = index_sla_classes(DEFAULT_SLA_CLASSES)
+        self.classes_for = classes or (lambda _model: defaults)
         self.config = config or AdmissionConfig()
         self.clock = clock
         self.expire_interval_s = expire_interval_s
         self.metrics = metrics
+        self.replicas = replicas
         self._controllers: dict[str, AdmissionController] = {}
+        self._class_tables: dict[str, Mapping[str, SlaClass]] = {}
         self._running: dict[str, int] = {}
         self._waiting: dict[str, tuple[str, asyncio.Future[Admitted]]] = {}
 
@@ -91,14 +117,23 @@ class TenantGate:
     # -- when -------------------------------------------------------------------------------------
 
     def _controller(self, model: str) -> AdmissionController:
+        """The model's admission controller, on the model's current classes (a deployment's
+        class change reconfigures it in place: see ``AdmissionController.reconfigure``)."""
+        classes = self.classes_for(model)
         ctl = self._controllers.get(model)
         if ctl is None:
-            ctl = AdmissionController(self.config, tuple(self.classes.values()))
+            ctl = AdmissionController(self.config, tuple(classes.values()))
             self._controllers[model] = ctl
+            self._class_tables[model] = classes
+        elif self._class_tables.get(model) is not classes:
+            self._class_tables[model] = classes
+            for rejected in ctl.reconfigure(tuple(classes.values()), self.clock()):
+                self._reject_waiter(rejected)
         return ctl
 
-    def _unknown_class(self, name: str) -> InvalidArgument:
-        known = ", ".join(sorted(self.classes))
+    @staticmethod
+    def _unknown_class(name: str, classes: Mapping[str, SlaClass]) -> InvalidArgument:
+        known = ", ".join(sorted(classes))
         return InvalidArgument(f"unknown SLA class {name[:70]!r} (known: {known})")
 
     def _free(self, model: str) -> int:
@@ -108,17 +143,18 @@ class TenantGate:
         tenant = self.tenant(ctx.api_key)
         if not tenant_allows_model(tenant, ctx.model):
             raise model_hidden(ctx.model)
-        if ctx.sla_class and ctx.sla_class not in self.classes:  # 400 before 403
-            raise self._unknown_class(ctx.sla_class)
-        sla = resolve_sla_class(tenant, ctx.sla_class or None)
-        if sla not in self.classes:  # the tenant's default
-            raise self._unknown_class(sla)
         ctl = self._controller(ctx.model)
+        classes = ctl.classes
+        if ctx.sla_class and ctx.sla_class not in classes:  # 400 before 403
+            raise self._unknown_class(ctx.sla_class, classes)
+        sla = resolve_sla_class(tenant, ctx.sla_class or None)
+        if sla not in classes:  # the tenant's default, which this model's deployment lacks
+            sla = _fallback_class(tenant, classes)
         now = self.clock()
         request = AdmissionRequest(
             request_id=ctx.request_id,
             tenant=tenant.name,
-            limits=tenant.quotas,
+            limits=tenant.quotas if (n := self.replicas()) <= 1 else quota_share(tenant.quotas, n),
             sla_class=sla,
             est_prompt_tokens=ctx.prompt_tokens,
             est_output_tokens=ctx.max_tokens,
@@ -128,23 +164,26 @@ class TenantGate:
             request_id=ctx.request_id,
             tenant_id=tenant.name,
             sla_class=sla,
-            priority=self.classes[sla].priority,
+            priority=classes[sla].priority,
         )
         if isinstance(outcome, Admitted):
             self._running[ctx.model] = self._running.get(ctx.model, 0) + 1
+            if self.metrics is not None:
+                self._queue_wait(ctx.model, outcome)
             return ticket
         if isinstance(outcome, Rejected):
-            raise _rate_limited(outcome)
+            raise self._rejected(ctx.model, outcome)
         assert isinstance(outcome, Queued)
         if self.metrics is not None:
-            self.metrics.admission_queued.labels(ctx.model, tenant.name, sla).inc()
+            t = self.metrics.tenant_label(tenant.name)
+            self.metrics.admission_queued.labels(t, ctx.model, sla).inc()
         if outcome.evicted is not None:
             self._reject_waiter(outcome.evicted)
         future: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
         self._waiting[ctx.request_id] = (ctx.model, future)
         self._hand_out(ctx.model)  # a slot may be free already
         try:
-            await future
+            admitted = await future
         except asyncio.CancelledError:  # the client went away while queued
             self._waiting.pop(ctx.request_id, None)
             if ctl.is_queued(ctx.request_id):
@@ -152,7 +191,28 @@ class TenantGate:
             elif ctl.is_admitted(ctx.request_id):
                 self._finish(ctx.model, ctx.request_id, 0)
             raise
+        if self.metrics is not None:
+            self._queue_wait(ctx.model, admitted)
         return ticket
+
+    def _queue_wait(self, model: str, admitted: Admitted) -> None:
+        assert self.metrics is not None
+        t = self.metrics.tenant_label(admitted.tenant)
+        self.metrics.queue_wait.labels(t, model, admitted.sla_class).observe(admitted.queued_s)
+
+    def _rejected(self, model: str, r: Rejected) -> RateLimited:
+        """The error for a rejection, counted (``switchboard_admission_rejected_total``)."""
+        if self.metrics is not None:
+            t = self.metrics.tenant_label(r.tenant)
+            self.metrics.admission_rejected.labels(t, model, r.sla_class, r.reason.value).inc()
+        retry = r.retry_after_s if r.retry_after_s is not None else 0.0
+        return RateLimited(
+            f"{r.reason.value}: {r.message}",
+            retry_after_s=retry,
+            tenant=r.tenant,
+            sla_class=r.sla_class,
+            reason=r.reason.value,
+        )
 
     def release(self, ticket: AdmissionTicket, tokens_served: int) -> None:
         for model, ctl in self._controllers.items():
@@ -182,12 +242,14 @@ class TenantGate:
             else:
                 self._reject_waiter(outcome)
         if self.metrics is not None:  # also refreshed by ``run`` every expire_interval_s
-            self.metrics.admission_queue_depth.labels(model).set(ctl.stats().queued)
+            by_class = ctl.stats().queued_by_class
+            for name in ctl.classes:
+                self.metrics.queue_depth.labels(model, name).set(by_class.get(name, 0))
 
     def _reject_waiter(self, rejected: Rejected) -> None:
         waiter = self._waiting.pop(rejected.request_id, None)
         if waiter is not None and not waiter[1].done():
-            waiter[1].set_exception(_rate_limited(rejected))
+            waiter[1].set_exception(self._rejected(waiter[0], rejected))
 
     async def run(self) -> None:
         """Expire overdue queued requests (and admit what fits) until cancelled."""
@@ -201,8 +263,3 @@ class TenantGate:
 
     def stats(self) -> dict[str, object]:
         return {model: ctl.stats() for model, ctl in self._controllers.items()}
-
-
-def _rate_limited(r: Rejected) -> RateLimited:
-    retry = r.retry_after_s if r.retry_after_s is not None else 0.0
-    return RateLimited(f"{r.reason.value}: {r.message}", retry_after_s=retry)

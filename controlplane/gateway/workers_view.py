@@ -5,15 +5,20 @@ Three feeds, each its own task, none of which a request ever waits on:
 - **worker records**: list + watch of ``{prefix}/workers/`` (level-based, as NodeCache does:
   list at revision R, watch from R+1, re-list whenever the watch breaks);
 - **load reports**: one ``Worker.WatchStats`` stream per worker (running / waiting / KV blocks /
-  batch), reconnected with backoff while the worker's record exists. A worker whose stream
-  broke is treated as not serving until it reconnects (a killed worker is avoided at once,
-  before its lease expires). Each report's KV events (STORED / EVICTED block hashes) go to the
-  ``kv_sink`` (the SLA router's prefix index, ``SlaGatewayRouter.apply_kv_events``); the sink
-  forgets a worker whose record left, whose endpoint changed (a new process, an empty cache) or
-  whose stream broke (events were lost; routes and the next events teach it again);
+  batch, its context tokens, queued prefill tokens, per-DP-rank batches), reconnected with
+  backoff while the worker's record exists. A worker whose stream broke is treated as not
+  serving until it reconnects (a killed worker is avoided at once, before its lease expires).
+  Each report's KV events (STORED / EVICTED block hashes) go to the ``kv_sink`` (the SLA
+  router's prefix index, ``SlaGatewayRouter.apply_kv_events``); the sink forgets a worker
+  whose record left, whose endpoint changed (a new process, an empty cache) or whose stream
+  broke (events were lost; routes and the next events teach it again);
 - **deployments**: list + watch of ``{prefix}/deployments/`` (re-listed on any change; they are
   few and change rarely), for each model's engine / model_path / engine args, which the gateway
-  needs to tokenize.
+  needs to tokenize, and what the router needs: the deployment's name (its routing profile),
+  its long_context pool's threshold and its MoE layout (DP ranks, expert parallel).
+
+Worker records carry their pool kind (``long_context``, ...), the deployment's long-context
+threshold and whether the engine prefills in chunks; ``snapshots`` passes them on.
 
 It also holds the gRPC channels to workers (one per endpoint, shared by the request path) and
 this gateway's own in-flight count per worker.
@@ -33,9 +38,11 @@ import grpc
 from switchboard.v1 import worker_pb2, worker_pb2_grpc
 
 from controlplane.adapters.etcd.client import EtcdClient, prefix_range_end
-from controlplane.adapters.etcd.deployments import EtcdDeploymentStore
+from controlplane.adapters.etcd.deployments import DeploymentCache, EtcdDeploymentStore
 from controlplane.adapters.etcd.workers import decode_worker
+from controlplane.core.deployments import PoolRole
 from controlplane.core.model import WorkerRecord, WorkerState
+from controlplane.core.reconcile import DeploymentRecord
 from controlplane.errors import SwitchboardError
 from controlplane.gateway.routing import WorkerSnapshot
 from workers.engine import KvEvent, KvEventKind
@@ -73,6 +80,14 @@ class ModelInfo:
     engine: str
     model_path: str = ""
     engine_args: Mapping[str, str] = field(default_factory=dict)
+    deployment: str = ""
+    """The deployment's name."""
+    long_context_threshold_tokens: int = 0
+    """Its long_context pool's threshold; 0: no such pool."""
+    dp_size: int = 1
+    """Data-parallel attention ranks per replica (``parallelism.data``)."""
+    expert_parallel: bool = False
+    """``parallelism.expert`` > 1."""
 
 
 @dataclass(slots=True)
@@ -84,6 +99,9 @@ class LoadReport:
     last_batch_size: int = 0
     draining: bool = False
     received_at: float = 0.0
+    batch_context_tokens: int = 0
+    queued_prefill_tokens: int | None = None
+    dp_rank_running: tuple[int, ...] = ()
 
 
 class WorkerChannels:
@@ -128,13 +146,16 @@ class WorkersView:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
         kv_sink: KvEventSink | None = None,
+        deployments: DeploymentCache | None = None,
     ) -> None:
         self._client = client
         self.kv_sink = kv_sink
         """Gets every report's KV events; may be set after construction (before ``run``)."""
         base = prefix.rstrip("/")
         self._workers_prefix = f"{base}/workers/".encode()
-        self._deployments = EtcdDeploymentStore(client, prefix)
+        self._owns_deployments = deployments is None
+        self._deployments = deployments or DeploymentCache(EtcdDeploymentStore(client, prefix))
+        self._deployments.subscribe(self._on_deployments)
         self.channels = channels
         self._clock = clock
         self._backoff = (backoff_initial_s, backoff_max_s)
@@ -190,9 +211,25 @@ class WorkersView:
                     kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
                     circuit_allows=circuit_allows(r.worker_id),
                     max_context_tokens=r.max_context_tokens,
+                    pool=r.pool,
+                    chunked_prefill=r.chunked_prefill,
+                    batch_size=load.running,
+                    batch_context_tokens=load.batch_context_tokens,
+                    queued_prefill_tokens=load.queued_prefill_tokens,
+                    dp_rank_running=load.dp_rank_running,
                 )
             )
         return out
+
+    def long_context_threshold_tokens(self, model: str) -> int:
+        """The threshold the model's worker records carry (the smallest > 0), else 0: for
+        workers started by hand, without a deployment record."""
+        values = [
+            r.long_context_threshold_tokens
+            for r in self.records(model)
+            if r.long_context_threshold_tokens > 0
+        ]
+        return min(values, default=0)
 
     @contextlib.contextmanager
     def in_flight(self, worker_id: str) -> Iterator[None]:
@@ -211,7 +248,10 @@ class WorkersView:
     async def run(self) -> None:
         """All feeds, until cancelled."""
         try:
-            await asyncio.gather(self._workers_loop(), self._deployments_loop())
+            if self._owns_deployments:
+                await asyncio.gather(self._workers_loop(), self._deployments.run())
+            else:  # the composition root runs the shared cache
+                await self._workers_loop()
         finally:
             for task in self._stats_tasks.values():
                 task.cancel()
@@ -322,40 +362,31 @@ class WorkersView:
             last_batch_size=msg.last_batch_size,
             draining=msg.draining,
             received_at=self._clock(),
+            batch_context_tokens=msg.batch_context_tokens,
+            queued_prefill_tokens=(
+                msg.queued_prefill_tokens if msg.HasField("queued_prefill_tokens") else None
+            ),
+            dp_rank_running=tuple(msg.dp_rank_running),
         )
         if self.kv_sink is not None and msg.kv_events:
             self.kv_sink.apply_kv_events(worker_id, kv_events(msg))
 
-    async def _deployments_loop(self) -> None:
-        delay = self._backoff[0]
-        prefix = self._deployments.deployments.encode()
-        while True:
-            try:
-                _, revision = await self._client.get_prefix(prefix)
-                await self._reload_deployments()
-                self.deployments_synced.set()
-                delay = self._backoff[0]
-                async for _ in self._client.watch_range(
-                    prefix, prefix_range_end(prefix), start_revision=revision + 1
-                ):
-                    await self._reload_deployments()
-            except asyncio.CancelledError:
-                raise
-            except SwitchboardError as e:
-                log.warning("deployment list/watch failed (%s); re-listing in %.1fs", e, delay)
-            except Exception:
-                log.exception("deployment list/watch failed; re-listing in %.1fs", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._backoff[1])
-
-    async def _reload_deployments(self) -> None:
+    def _on_deployments(self, records: list[DeploymentRecord]) -> None:
         models: dict[str, ModelInfo] = {}
-        for record in await self._deployments.list_all():
+        for record in records:
             spec = record.spec
+            long_context = spec.pool(PoolRole.LONG_CONTEXT)
             models[spec.model] = ModelInfo(
                 model=spec.model,
                 engine=spec.engine.value,
                 model_path=spec.model_path,
                 engine_args=dict(spec.engine_args),
+                deployment=spec.name,
+                long_context_threshold_tokens=(
+                    long_context.context_threshold_tokens if long_context is not None else 0
+                ),
+                dp_size=spec.parallelism.data,
+                expert_parallel=spec.parallelism.expert > 1,
             )
         self._models = models
+        self.deployments_synced.set()

@@ -19,6 +19,10 @@ Starts, in order, and stops in reverse on Ctrl-C (SIGINT) or SIGTERM, each by PI
 
 7. the tenant gateway (``switchboard gateway``): the OpenAI API on
    ``http://127.0.0.1:<gateway-port>/v1`` and the gRPC Inference service on a free port.
+8. with ``--monitoring`` (``make up MONITORING=1``): Prometheus on
+   ``127.0.0.1:<prometheus-port>`` (data under ``<state-dir>/prometheus``), scraping the
+   gateway, the control plane and the node agents (each given a free ``--metrics-port``) and the
+   workers the control plane lists at ``/sd/targets``, with ``deploy/prometheus/rules/`` loaded.
 
 Later parts of the system are added to ``LocalCluster.start`` the same way.
 Logs go to ``<state-dir>/logs/``; the PIDs of everything started are in ``<state-dir>/up.pids``
@@ -72,6 +76,10 @@ class UpSettings:
     """sim: the simulated-engine profile of the local workers (workers/profiles/)."""
     gateway_port: int = 8000
     """The tenant gateway's HTTP port (OpenAI API); its gRPC Inference port is any free one."""
+    monitoring: bool = False
+    """Also run Prometheus (``make up MONITORING=1``): see ``_start_prometheus``."""
+    prometheus_port: int = 9090
+    """Prometheus' HTTP port on 127.0.0.1 (with ``monitoring``)."""
 
 
 @dataclass
@@ -91,6 +99,9 @@ class LocalCluster:
         self.pid_file = settings.state_dir / "up.pids"
         self.demo_api_key = ""
         self.gateway_grpc_port = 0
+        self.metrics_targets: dict[str, str] = {}
+        """Component name -> host:port of its /metrics (with ``monitoring``)."""
+        self.prometheus_url = ""
 
     # --- lifecycle ---------------------------------------------------------------------------
     def run_foreground(self) -> int:
@@ -130,15 +141,18 @@ class LocalCluster:
                         f"(pids {alive}); stop it first (Ctrl-C) or kill those pids"
                     )
             self.pid_file.unlink(missing_ok=True)
-        for port, what in (
-            (self.s.etcd_port, "etcd"),
-            (self.s.grpc_port, "control plane"),
-            (self.s.gateway_port, "gateway"),
-        ):
+        ports = [
+            (self.s.etcd_port, "etcd", "--etcd-port"),
+            (self.s.grpc_port, "control plane", "--grpc-port"),
+            (self.s.gateway_port, "gateway", "--gateway-port"),
+        ]
+        if self.s.monitoring:
+            ports.append((self.s.prometheus_port, "Prometheus", "--prometheus-port"))
+        for port, what, flag in ports:
             if port_open(port):
                 raise RuntimeError(
                     f"port {port} for {what} is already in use on 127.0.0.1; "
-                    f"pick another with UP_ARGS='--etcd-port N --grpc-port M --gateway-port G'"
+                    f"pick another with UP_ARGS='{flag} N'"
                 )
         if self.s.ray_nodes < 1 or self.s.gpus_per_node < 0:
             raise RuntimeError("--ray-nodes must be >= 1 and --gpus-per-node >= 0")
@@ -171,6 +185,7 @@ class LocalCluster:
                     "--ray-node-id", ray_node_id,
                     "--label", "zone=local",
                     "--label", f"rack=rack-{i}",
+                    *self._metrics_args(f"agent-{node_id}"),
                 ],
             )  # fmt: skip
         self._spawn(
@@ -182,12 +197,60 @@ class LocalCluster:
                 "--replica-id", "local-controlplane",
                 "--ray-address", self.ray_address,
                 "--worker-ttl", str(self.s.lease_ttl_s),
+                *self._metrics_args("controlplane"),
             ],
         )  # fmt: skip
         self._wait_for_nodes()
         self._apply_default_deployment()
         self._ensure_demo_tenant()
         self._start_gateway()
+        if self.s.monitoring:
+            self._start_prometheus()
+
+    # --- monitoring (make up MONITORING=1) ----------------------------------------------------
+    def _metrics_args(self, name: str) -> list[str]:
+        """``--metrics-port P`` for a component with ``monitoring`` (P: a free port, recorded
+        as a scrape target), nothing without."""
+        if not self.s.monitoring:
+            return []
+        from controlplane.local.procs import free_port
+
+        port = free_port()
+        self.metrics_targets[name] = f"127.0.0.1:{port}"
+        return ["--metrics-port", str(port)]
+
+    def prometheus_config(self) -> dict[str, Any]:
+        """Static targets for what ``up`` started itself; the workers the control plane places
+        (on ports chosen at start) through its HTTP service discovery."""
+        from controlplane.local.monitoring import ScrapeTargets, prometheus_config
+
+        controlplane = self.metrics_targets.get("controlplane", "")
+        return prometheus_config(
+            ScrapeTargets(
+                gateways=[f"127.0.0.1:{self.s.gateway_port}"],
+                controlplanes=[controlplane] if controlplane else [],
+                node_agents=[t for n, t in self.metrics_targets.items() if n.startswith("agent-")],
+                sd_urls=[f"http://{controlplane}/sd/targets"] if controlplane else [],
+            )
+        )
+
+    def _start_prometheus(self) -> None:
+        from controlplane.local.monitoring import PrometheusServer
+
+        self._say(f"starting Prometheus on http://127.0.0.1:{self.s.prometheus_port}")
+        server = PrometheusServer(
+            self.s.state_dir / "prometheus",
+            self.prometheus_config(),
+            port=self.s.prometheus_port,
+            log_path=self.logs / "prometheus.log",
+        )
+        try:
+            server.start()
+        finally:
+            if server.process is not None:
+                self.started.children.append(server.process)
+                self._write_pids()
+        self.prometheus_url = server.url
 
     def default_deployment(self) -> dict[str, Any]:
         """The deployment `up` applies: one prefill and one decode replica of the local model."""
@@ -365,6 +428,16 @@ class LocalCluster:
             + ", as Ray actors",
             f"  gateway         http://127.0.0.1:{self.s.gateway_port}/v1  (OpenAI API; "
             f"gRPC Inference on 127.0.0.1:{self.gateway_grpc_port})",
+            *(
+                [
+                    f"  Prometheus      {self.prometheus_url}  (rules: deploy/prometheus/rules/;"
+                    f" config: {self.s.state_dir / 'prometheus' / 'prometheus.yml'})",
+                    f"  Grafana         data source: Prometheus at {self.prometheus_url};"
+                    " dashboards: Dashboards > New > Import each dashboards/json/*.json",
+                ]
+                if self.prometheus_url
+                else []
+            ),
             f"  logs            {self.logs}/",
             f"  demo tenant     demo, API key {self.demo_api_key}"
             f"  (in {self.s.state_dir / 'demo-api-key'})",

@@ -5,6 +5,9 @@ never giving up while etcd is away, revoking on stop) is ``controlplane.registra
 ``LeasedRecord``; this module decides *what* the record is: the declared or NVML-discovered GPUs
 with their live figures, re-read every report interval and written only when they change (a
 steady fleet costs etcd one keepalive per node per TTL/3 and no writes).
+
+With ``metrics``: the node's GPUs by state (healthy / unhealthy), set at every read, and
+failed heartbeats (a registration, update or keepalive that etcd refused or did not answer).
 """
 
 from __future__ import annotations
@@ -16,8 +19,41 @@ from controlplane.core.model import NodeInventory
 from controlplane.core.nodes import validate_inventory
 from controlplane.nodeagent.inventory import GpuProbe
 from controlplane.registration import LeasedRecord, LeaseStore
+from controlplane.telemetry.metrics import NodeAgentMetrics
 
 NodeLeaseStore = LeaseStore[NodeInventory]
+
+
+class CountingLeaseStore:
+    """A ``NodeLeaseStore`` that counts failed calls in ``heartbeat_failures``."""
+
+    def __init__(self, inner: NodeLeaseStore, metrics: NodeAgentMetrics) -> None:
+        self._inner = inner
+        self._failures = metrics.heartbeat_failures
+
+    async def register(self, record: NodeInventory, ttl_s: int) -> int:
+        try:
+            return await self._inner.register(record, ttl_s)
+        except Exception:
+            self._failures.inc()
+            raise
+
+    async def update(self, record: NodeInventory, lease_id: int) -> int:
+        try:
+            return await self._inner.update(record, lease_id)
+        except Exception:
+            self._failures.inc()
+            raise
+
+    async def keepalive(self, lease_id: int) -> int:
+        try:
+            return await self._inner.keepalive(lease_id)
+        except Exception:
+            self._failures.inc()
+            raise
+
+    async def deregister(self, lease_id: int) -> None:
+        await self._inner.deregister(lease_id)
 
 
 class NodeAgent(LeasedRecord[NodeInventory]):
@@ -32,11 +68,13 @@ class NodeAgent(LeasedRecord[NodeInventory]):
         report_interval_s: float = 5.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        metrics: NodeAgentMetrics | None = None,
     ) -> None:
         self._probe = probe
         self._base = base
+        self._metrics = metrics
         super().__init__(
-            registry,
+            registry if metrics is None else CountingLeaseStore(registry, metrics),
             self._inventory,
             clock=clock,
             lease_ttl_s=lease_ttl_s,
@@ -50,6 +88,11 @@ class NodeAgent(LeasedRecord[NodeInventory]):
     def _inventory(self, previous: NodeInventory | None) -> NodeInventory:
         """The inventory now; unchanged figures give an equal record (so nothing is written)."""
         gpus = self._probe.read()
+        if self._metrics is not None:
+            healthy = sum(1 for g in gpus if g.healthy)
+            node = self._base.node_id
+            self._metrics.node_gpus.labels(node, "healthy").set(healthy)
+            self._metrics.node_gpus.labels(node, "unhealthy").set(len(gpus) - healthy)
         if previous is not None and previous.gpus == gpus:
             return previous
         now = self._clock()

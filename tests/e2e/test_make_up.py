@@ -150,6 +150,31 @@ def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) 
         assert body["usage"]["completion_tokens"] == 8
         assert body["choices"][0]["message"]["role"] == "assistant"
 
+        # the official openai client, streamed, through the Ray-placed prefill and decode
+        # workers: the same greedy text as unstreamed, with usage
+        import openai
+
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key=key, max_retries=0,
+            timeout=120,
+        )  # fmt: skip
+        messages: Any = [{"role": "user", "content": "Tell me about KV caches."}]
+        whole = client.chat.completions.create(
+            model="tiny-llama", messages=messages, max_tokens=10, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        parts: list[str] = []
+        usage = None
+        for ev in client.chat.completions.create(
+            model="tiny-llama", messages=messages, max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        ):  # fmt: skip
+            usage = ev.usage or usage
+            parts.extend(ch.delta.content or "" for ch in ev.choices)
+        assert "".join(parts) == whole.choices[0].message.content
+        assert usage is not None and usage.completion_tokens == 10
+        assert whole.usage is not None and usage.prompt_tokens == whole.usage.prompt_tokens
+
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0 or proc.returncode in (2, -signal.SIGINT)
         wait_until(

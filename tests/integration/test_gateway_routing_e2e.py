@@ -284,7 +284,7 @@ def test_long_prompt_prefills_remotely_while_a_short_one_stays_local(cluster: Cl
     assert all(s["prefill"] == "local" for s in shorts)
     with urllib.request.urlopen(f"{cluster.base_url}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
-    assert 'switchboard_gateway_routes_total{model="tiny-sim",policy="sla",prefill="remote"}' in (
+    assert 'switchboard_router_decisions_total{model="tiny-sim",policy="sla",prefill="remote"}' in (
         metrics
     )
 
@@ -337,4 +337,4 @@ def test_decode_worker_killed_mid_stream_migrates_excluding_it(cluster: Cluster)
     assert "".join(parts) == expected  # no gap, no duplicate
     with urllib.request.urlopen(f"{cluster.base_url}/metrics", timeout=10) as resp:
         metrics = resp.read().decode()
-    assert 'switchboard_gateway_migrations_total{model="tiny-sim"} 1.0' in metrics
+    assert 'switchboard_migrations_total{model="tiny-sim"} 1.0' in metrics

@@ -263,6 +263,18 @@ def metric_value(text: str, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+def metric_sum(text: str, name: str, labels: dict[str, str]) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (e.g. over SLA classes)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) : line.rindex("}")]))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @dataclass
 class Timeline:
     """Client-side events in the order the test's event loop saw them (no clock readings)."""
@@ -302,8 +314,8 @@ async def _stream(
 
 def test_light_tenant_is_admitted_ahead_of_a_heavy_backlog(cluster: SchemaCluster) -> None:
     timeline = Timeline()
-    queued_metric = "switchboard_gateway_admission_queued_total"
-    depth_metric = "switchboard_gateway_admission_queue_depth"
+    queued_metric = "switchboard_admission_queued_total"
+    depth_metric = "switchboard_queue_depth"
 
     async def scenario() -> tuple[list[int], list[set[str]]]:
         heavy, light = cluster.async_client("heavy"), cluster.async_client("light")
@@ -314,7 +326,7 @@ def test_light_tenant_is_admitted_ahead_of_a_heavy_backlog(cluster: SchemaCluste
             ]
 
             def backlog() -> bool:  # the burst is in the admission queue
-                depth = metric_value(cluster.metrics(), depth_metric, {"model": MODEL})
+                depth = metric_sum(cluster.metrics(), depth_metric, {"model": MODEL})
                 return depth >= HEAVY_REQUESTS // 2
 
             await asyncio.to_thread(wait_until, backlog, 60, 0.02, "heavy requests queued")
@@ -347,7 +359,7 @@ def test_light_tenant_is_admitted_ahead_of_a_heavy_backlog(cluster: SchemaCluste
     light_queued = metric_value(metrics, queued_metric, {"model": MODEL, "tenant": "light"})
     print("\nfairness:", "; ".join(report), f"; queued: heavy {heavy_queued}, light {light_queued}")
     assert heavy_queued >= HEAVY_REQUESTS - 2 * SLOTS_PER_WORKER, metrics
-    assert metric_value(metrics, depth_metric, {"model": MODEL}) == 0
+    assert metric_sum(metrics, depth_metric, {"model": MODEL}) == 0
 
 
 # --- SLA class in the body -----------------------------------------------------------------------
@@ -421,3 +433,61 @@ def test_sla_class_is_in_the_openapi_schema(cluster: SchemaCluster) -> None:
         props = doc["components"]["schemas"][name]["properties"]
         assert "sla_class" in props, name
         assert "X-SLA-Class" in json.dumps(props["sla_class"])
+
+
+def _reapply_deployment(etcd_endpoint: str, model_path: Path, sla_classes: dict[str, Any]) -> None:
+    import time
+
+    from controlplane.adapters.etcd.deployments import EtcdDeploymentStore
+    from controlplane.deployspec import spec_from_dict
+
+    async def run() -> None:
+        client = EtcdClient(etcd_endpoint)
+        try:
+            store = EtcdDeploymentStore(client)
+            doc = spec_from_dict({**_spec_doc(await store.get("tiny")), "sla_classes": sla_classes})
+            await store.apply(doc, now=time.time())
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
+def _spec_doc(record: Any) -> dict[str, Any]:
+    from controlplane.deployspec import spec_to_dict
+
+    return spec_to_dict(record.spec)
+
+
+def test_sla_classes_come_from_the_deployment(cluster: SchemaCluster, tiny_model: Path) -> None:
+    """The deployment's own classes replace the defaults in the running gateway (watch-fed):
+    new names work, old ones are unknown (400 listing the deployment's), and a tenant whose
+    default class the model lacks runs in the least important class it may use (or 403)."""
+    route, base = ROUTES[0]
+    custom = {
+        "realtime": {"priority": 0, "ttft_p95_ms": 300, "itl_p95_ms": 40},
+        "bulk": {"priority": 2, "deadline_s": 600},
+    }
+    _reapply_deployment(cluster.etcd.endpoint, tiny_model, custom)
+    try:
+
+        def realtime_accepted() -> bool:
+            return post_json(cluster, route, {**base, "sla_class": "realtime"})[0] == 200
+
+        wait_until(realtime_accepted, 30, what="the gateway to learn the deployment's classes")
+        status, err = post_json(cluster, route, {**base, "sla_class": "interactive"})
+        assert status == 400, err
+        assert "known: bulk, realtime" in err["error"]["message"]
+        # acme's default (standard) is not offered: it runs as bulk, the least important class
+        assert post_json(cluster, route, base)[0] == 200
+        # batchonly may use only batch, which this model does not offer
+        status, err = post_json(cluster, route, base, "batchonly")
+        assert status == 403, err
+        assert "none of this model's SLA classes (bulk, realtime)" in err["error"]["message"]
+    finally:
+        _reapply_deployment(cluster.etcd.endpoint, tiny_model, {})
+
+    def defaults_back() -> bool:
+        return post_json(cluster, route, {**base, "sla_class": "interactive"})[0] == 200
+
+    wait_until(defaults_back, 30, what="the default classes to come back")

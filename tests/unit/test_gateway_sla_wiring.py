@@ -12,8 +12,8 @@ from switchboard.v1 import worker_pb2
 
 from controlplane.core.model import WorkerRecord
 from controlplane.core.routing import SlaAwareRouter
+from controlplane.core.sla import SlaClass
 from controlplane.errors import InvalidArgument, Unavailable
-from controlplane.gateway.metrics import GatewayMetrics
 from controlplane.gateway.model_routing import (
     DEFAULT_BLOCK_SIZE,
     ModelRouting,
@@ -36,6 +36,7 @@ from controlplane.gateway.workers_view import (
     WorkersView,
     kv_events,
 )
+from controlplane.telemetry.metrics import GatewayMetrics
 from workers.engine import KvEvent, KvEventKind
 from workers.engines.sim_core import hash_blocks
 from workers.profiles import load_profile
@@ -275,8 +276,13 @@ def test_models_without_timing_route_least_loaded_and_kv_filter_falls_back() -> 
 
 def test_sla_class_defaults_to_standard() -> None:
     gw = gateway(QuietView())
-    assert gw.sla_class("").name == "standard"
-    assert gw.sla_class("nope").name == "standard"
-    assert gw.sla_class("batch").itl_p95_ms is None
+    assert gw.sla_class("m", "").name == "standard"
+    assert gw.sla_class("m", "nope").name == "standard"
+    assert gw.sla_class("m", "batch").itl_p95_ms is None
+    # a model whose deployment defines its own classes: its targets, else its first class
+    own = {"rt": SlaClass("rt", priority=0, ttft_p95_ms=200.0, itl_p95_ms=20.0)}
+    gw.sla_classes = lambda model: own if model == "custom" else {}
+    assert gw.sla_class("custom", "rt").ttft_p95_ms == 200.0
+    assert gw.sla_class("custom", "").name == "rt"
     with pytest.raises(InvalidArgument):
         model_routing(ModelInfo("m", "sim", engine_args={"profile": "nope"}))

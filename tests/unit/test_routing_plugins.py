@@ -108,7 +108,10 @@ def test_long_context_filter_keeps_the_pool_when_it_has_a_worker() -> None:
     assert dropped(f, request(2000), pool, DEC) == {
         "a": "prompt 2000 tokens >= long-context threshold 1000: long_context pool only"
     }
-    assert dropped(f, request(999), pool, DEC) == {}  # below the threshold: anyone
+    assert dropped(f, request(999), pool, DEC) == {  # below the threshold: off the pool
+        "lc": "long_context pool is kept for prompts of 1000+ tokens"
+    }
+    assert dropped(f, request(999), [pool[1]], DEC) == {}  # ... unless it is all there is
     no_pool = [worker("a", pool="decode"), worker("b", pool="decode")]
     assert dropped(f, request(2000), no_pool, DEC) == {}  # no pool: KV room decides
 

@@ -241,7 +241,7 @@ def test_the_trace_names_the_plugins_that_decided() -> None:
     assert ids(d) == (None, "d-b")
     assert set(d.trace.plugins()) >= {"Role", "Serving", "KvHeadroom", "PrefixOverlap"}
     text = d.trace.explain()
-    assert "decode (decode): chose d-b" in text
+    assert "decode (default:decode): chose d-b" in text
     assert "rejected d-drain: draining [Serving]" in text
     assert "rejected p1: role prefill does not decode [Role]" in text
     assert "decided by PrefixOverlap" in text

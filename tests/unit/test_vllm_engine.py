@@ -215,7 +215,7 @@ class FakeClock:
 def test_stats_map_scheduler_and_iteration_stats() -> None:
     clock = FakeClock()
     recorder = VllmStatsRecorder(kv_blocks_total=200, window_s=2.0, clock=clock)
-    assert recorder.snapshot() == EngineStats(kv_blocks_total=200)
+    assert recorder.snapshot() == EngineStats(kv_blocks_total=200, batch_context_tokens=0)
 
     recorder.record(
         SchedulerStats(3, 2, 0.25, PrefixCacheStats(queries=512, hits=128)),
@@ -231,6 +231,8 @@ def test_stats_map_scheduler_and_iteration_stats() -> None:
     assert s.waiting_requests == 0
     assert s.kv_blocks_used == 21  # round(0.105 * 200)
     assert s.kv_blocks_total == 200
+    assert s.batch_context_tokens == 21 * 16  # blocks in use x block size
+    assert s.queued_prefill_tokens is None and s.dp_rank_running == ()  # not known; one rank
     assert s.prefix_cache_hit_rate == pytest.approx(0.25)
     assert s.tokens_per_second == pytest.approx((515 + 5) / 2.0)
     assert s.last_batch_size == 1
@@ -247,6 +249,18 @@ def test_stats_map_scheduler_and_iteration_stats() -> None:
     assert recorder.snapshot().tokens_per_second == pytest.approx((5 + 1) / 2.0)
     clock.now += 5.0
     assert recorder.snapshot().tokens_per_second == 0.0
+
+
+def test_stats_sum_the_dp_ranks_and_report_each() -> None:
+    """With DP attention vLLM's stat logger hears from each rank (``engine_idx``)."""
+    recorder = VllmStatsRecorder(kv_blocks_total=100, clock=FakeClock())
+    recorder.record(SchedulerStats(3, 1, 0.2), None, engine_idx=0)
+    recorder.record(SchedulerStats(1, 0, 0.4), None, engine_idx=1)
+    recorder.record(SchedulerStats(2, 2, 0.4), None, engine_idx=0)  # rank 0 again: replaces
+    s = recorder.snapshot()
+    assert (s.running_requests, s.waiting_requests) == (3, 2)
+    assert s.dp_rank_running == (2, 1)
+    assert s.kv_blocks_used == 40  # the ranks' mean usage
 
 
 # Named like vllm.distributed.kv_events (0.32).

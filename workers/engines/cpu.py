@@ -348,6 +348,8 @@ class CpuEngine:
             last_batch_size=self._last_batch,
             max_batch_size_seen=self._max_batch,
             steps=self._steps,
+            batch_context_tokens=sum(seq.length for seq in self._running),
+            queued_prefill_tokens=sum(len(seq.prompt) for seq in self._waiting),
         )
 
     def drain_kv_events(self) -> list[KvEvent]:

@@ -678,4 +678,10 @@ class SimScheduler:
             last_batch_size=self._last_batch,
             max_batch_size_seen=self._max_batch,
             steps=self.steps,
+            batch_context_tokens=sum(st.num_computed for st in self._running),
+            queued_prefill_tokens=sum(
+                max(0, len(st.req.prompt_token_ids) - st.num_computed)
+                for queue in (self._running, self._waiting)
+                for st in queue
+            ),
         )

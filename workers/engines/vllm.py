@@ -333,11 +333,16 @@ class VllmStatsRecorder:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kv_blocks_total = kv_blocks_total
+        self.block_size = 16
+        """Tokens per KV block (``cache_config.block_size``): used blocks x this is the batch's
+        context."""
         self.window_s = window_s
         self._clock = clock
         self._running = 0
         self._waiting = 0
         self._usage = 0.0
+        self._ranks: dict[int, tuple[int, int, float]] = {}
+        """Per DP rank (``engine_idx``): running, waiting, KV usage of its last report."""
         self._last_batch = 0
         self._max_batch = 0
         self._steps = 0
@@ -360,9 +365,16 @@ class VllmStatsRecorder:
                 self._tokens.append((now, tokens))
         if scheduler_stats is not None:
             self._steps += 1
-            self._running = int(getattr(scheduler_stats, "num_running_reqs", 0))
-            self._waiting = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
-            self._usage = float(getattr(scheduler_stats, "kv_cache_usage", 0.0))
+            self._ranks[engine_idx] = (
+                int(getattr(scheduler_stats, "num_running_reqs", 0)),
+                int(getattr(scheduler_stats, "num_waiting_reqs", 0)),
+                float(getattr(scheduler_stats, "kv_cache_usage", 0.0)),
+            )
+            # with DP attention each rank (engine_idx) reports its own scheduler: sum them
+            ranks = self._ranks.values()
+            self._running = sum(r for r, _, _ in ranks)
+            self._waiting = sum(w for _, w, _ in ranks)
+            self._usage = sum(u for _, _, u in ranks) / len(self._ranks)
             # SchedulerStats count what still runs *after* the step; a request that finished in
             # it (every prefill-only request) made a token: one per sequence and step without
             # speculative decoding, so the step's batch is at least the tokens it made.
@@ -390,6 +402,10 @@ class VllmStatsRecorder:
             last_batch_size=self._last_batch,
             max_batch_size_seen=self._max_batch,
             steps=self._steps,
+            batch_context_tokens=min(max(used, 0), self.kv_blocks_total) * self.block_size,
+            dp_rank_running=tuple(self._ranks[i][0] for i in sorted(self._ranks))
+            if len(self._ranks) > 1
+            else (),
         )
 
     def _trim(self, now: float) -> None:
@@ -920,6 +936,7 @@ def build_vllm_engine(
     vc = llm.vllm_config
     mc = vc.model_config
     recorder.kv_blocks_total = int(vc.cache_config.num_gpu_blocks or 0)
+    recorder.block_size = int(getattr(vc.cache_config, "block_size", 16) or 16)
     try:
         per_token = kv_bytes_per_token(
             num_layers=mc.get_num_layers(vc.parallel_config),

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -103,15 +104,37 @@ def _translate(exc: BaseException) -> SwitchboardError:
     return EtcdError(f"etcd: {type(exc).__name__}: {exc}")
 
 
+_OPS = {
+    "get": "get",
+    "get_range": "get",
+    "put": "put",
+    "delete": "delete",
+    "create": "txn",
+    "put_if_revision": "txn",
+    "delete_if_revision": "txn",
+    "grant_lease": "lease",
+    "keepalive_once": "lease",
+    "revoke_lease": "lease",
+}
+"""Method -> the ``op`` label of ``switchboard_etcd_request_seconds``."""
+
+
 def _translated(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    op = _OPS.get(fn.__name__, fn.__name__)
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        observe: Callable[[str, float], None] | None = getattr(args[0], "observe", None)
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             return await fn(*args, **kwargs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise _translate(exc) from exc
+        finally:
+            if observe is not None:
+                observe(op, time.perf_counter() - started)
 
     return wrapper
 
@@ -137,10 +160,20 @@ def prefix_range_end(prefix: bytes) -> bytes:
 
 
 class EtcdClient:
-    """Typed etcd operations used by Switchboard. One instance per process is enough."""
+    """Typed etcd operations used by Switchboard. One instance per process is enough.
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 5.0) -> None:
+    ``observe(op, seconds)``, when given, is called after every request (op: get, put,
+    delete, txn, lease), e.g. ``ControlPlaneMetrics.etcd_request.labels(op).observe``."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 5.0,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.endpoint = endpoint
+        self.observe = observe
         host, port = parse_endpoint(endpoint)
         self._client = aetcd.Client(
             host=host,

@@ -40,6 +40,7 @@ def encode_inventory(inv: NodeInventory) -> bytes:
         "registered_at": inv.registered_at,
         "last_heartbeat": inv.last_heartbeat,
         "gpus": [gpu_to_dict(g) for g in inv.gpus],
+        "metrics_endpoint": inv.metrics_endpoint,
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
@@ -57,6 +58,7 @@ def decode_inventory(raw: bytes) -> NodeInventory:
             health_message=str(doc.get("health_message", "")),
             registered_at=float(doc.get("registered_at", 0.0)),
             last_heartbeat=float(doc.get("last_heartbeat", 0.0)),
+            metrics_endpoint=str(doc.get("metrics_endpoint", "")),
             gpus=tuple(
                 Gpu(
                     index=int(g["index"]),

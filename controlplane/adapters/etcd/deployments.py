@@ -10,6 +10,8 @@ Key layout (all JSON, none leased: they must survive every process):
   template hash). Written *before* the replica is started and deleted *after* it is stopped, so
   a leader that dies in between leaves a record its successor finishes from.
 * ``{prefix}/deployment-status/<name>`` — conditions and per-pool counts, written by the leader.
+* ``{prefix}/planner/<name>`` — the SLA planner's last view and decisions (JSON), written by the
+  leader's planner, read by ``Get`` (``switchboard describe deployment``).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from controlplane.adapters.etcd.client import EtcdClient, KeyValue, prefix_range_end
 from controlplane.adapters.etcd.listwatch import list_and_watch
-from controlplane.core.deployments import ModelDeploymentSpec, PoolRole
+from controlplane.core.deployments import ModelDeploymentSpec, PoolRole, keep_planner_replicas
 from controlplane.core.reconcile import (
     Condition,
     DeploymentRecord,
@@ -154,6 +156,7 @@ class EtcdDeploymentStore:
         self.deployments = f"{base}/deployments/"
         self.placements = f"{base}/placements/"
         self.statuses = f"{base}/deployment-status/"
+        self.planner = f"{base}/planner/"
 
     # -- desired state ---------------------------------------------------------------------------
 
@@ -193,12 +196,20 @@ class EtcdDeploymentStore:
             return None
 
     async def apply(
-        self, spec: ModelDeploymentSpec, *, resource_version: int = 0, now: float
-    ) -> DeploymentRecord:
-        """Create or replace ``spec`` (CAS on ``resource_version`` when it is not 0)."""
+        self, spec: ModelDeploymentSpec, *, resource_version: int = 0, now: float,
+        owner: str = "user",
+    ) -> DeploymentRecord:  # fmt: skip
+        """Create or replace ``spec`` (CAS on ``resource_version`` when it is not 0).
+
+        ``owner="user"`` (spec edits): autoscaled pools keep their stored ``replicas``
+        (``keep_planner_replicas``); ``owner="planner"``: written as given."""
+        asked = spec
         for _ in range(5):
-            current = await self.client.get(self._key(spec.name))
+            current = await self.client.get(self._key(asked.name))
             old = self._decode(current.value, current.mod_revision) if current else None
+            spec = asked if owner == "planner" else keep_planner_replicas(
+                asked, old.spec if old else None
+            )  # fmt: skip
             if resource_version and (old is None or old.resource_version != resource_version):
                 raise Conflict(
                     f"deployment {spec.name!r} changed since resource_version {resource_version} "
@@ -278,6 +289,24 @@ class EtcdDeploymentStore:
     async def delete_status(self, name: str) -> None:
         await self.client.delete((self.statuses + name).encode())
 
+    # -- planner ---------------------------------------------------------------------------------
+
+    async def get_planner(self, name: str) -> dict[str, Any] | None:
+        kv = await self.client.get((self.planner + name).encode())
+        if kv is None:
+            return None
+        try:
+            doc = json.loads(kv.value)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    async def put_planner(self, name: str, doc: Mapping[str, Any]) -> None:
+        await self.client.put((self.planner + name).encode(), _dumps(dict(doc)))
+
+    async def delete_planner(self, name: str) -> None:
+        await self.client.delete((self.planner + name).encode())
+
 
 DEFAULT_CLASSES: Mapping[str, SlaClass] = index_sla_classes(DEFAULT_SLA_CLASSES)
 
@@ -295,6 +324,7 @@ class DeploymentCache:
         self._store = store
         self._records: dict[str, DeploymentRecord] = {}
         self._classes: dict[str, Mapping[str, SlaClass]] = {}
+        self._listeners: list[Callable[[list[DeploymentRecord]], None]] = []
         self.synced = asyncio.Event()
         self.ever_synced = asyncio.Event()
 
@@ -303,6 +333,12 @@ class DeploymentCache:
 
     def deployments(self) -> list[DeploymentRecord]:
         return [self._records[n] for n in sorted(self._records)]
+
+    def subscribe(self, listener: Callable[[list[DeploymentRecord]], None]) -> None:
+        """Call ``listener(deployments())`` after every change (and at once if synced)."""
+        self._listeners.append(listener)
+        if self.ever_synced.is_set():
+            listener(self.deployments())
 
     async def run(self) -> None:
         async def relist() -> int:
@@ -349,3 +385,7 @@ class DeploymentCache:
             else:
                 classes[model] = MappingProxyType({c.name: c for c in defined})
         self._classes = classes
+        if self._listeners:
+            records = self.deployments()
+            for listener in self._listeners:
+                listener(records)

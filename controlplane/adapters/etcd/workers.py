@@ -1,8 +1,10 @@
 """EtcdWorkerRegistry: lease-bound worker records.
 
-Key layout: ``{prefix}/workers/<model>/<role>/<worker-id>`` -> JSON ``WorkerRecord``, bound to
-the worker's lease (it disappears within one TTL of the worker dying). Routers and the
-reconciler list + watch ``{prefix}/workers/`` the way the control plane watches nodes.
+Key layout: ``{prefix}/workers/<model>/<role>/<worker-id>`` -> JSON ``WorkerRecord`` (with its
+deployment, pool kind, the deployment's long-context threshold and whether the engine prefills
+in chunks, which the gateway's router reads), bound to the worker's lease (it disappears within
+one TTL of the worker dying). Routers and the reconciler list + watch ``{prefix}/workers/`` the
+way the control plane watches nodes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def encode_worker(rec: WorkerRecord) -> bytes:
         "kv_blocks_total": rec.kv_blocks_total,
         "state": rec.state.value,
         "started_at": rec.started_at,
+        "deployment": rec.deployment,
+        "pool": rec.pool,
+        "long_context_threshold_tokens": rec.long_context_threshold_tokens,
+        "chunked_prefill": rec.chunked_prefill,
+        "metrics_endpoint": rec.metrics_endpoint,
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
@@ -47,6 +54,11 @@ def decode_worker(raw: bytes) -> WorkerRecord:
             kv_blocks_total=int(doc.get("kv_blocks_total", 0)),
             state=WorkerState(doc.get("state", WorkerState.SERVING.value)),
             started_at=float(doc.get("started_at", 0.0)),
+            deployment=str(doc.get("deployment", "")),
+            pool=str(doc.get("pool", "")),
+            long_context_threshold_tokens=int(doc.get("long_context_threshold_tokens", 0)),
+            chunked_prefill=bool(doc.get("chunked_prefill", False)),
+            metrics_endpoint=str(doc.get("metrics_endpoint", "")),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidArgument(f"malformed worker record: {e}") from None

@@ -12,7 +12,7 @@ pool (min = max = replicas); otherwise ``min_replicas`` and ``max_replicas`` are
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -25,7 +25,7 @@ from controlplane.core.deployments import Engine, ModelDeploymentSpec, PoolRole,
 from controlplane.core.reconcile import DeploymentRecord, DeploymentStatus
 from controlplane.core.sla import SlaClass
 from controlplane.deployspec import spec_from_dict, spec_to_dict
-from controlplane.errors import Conflict, InvalidArgument
+from controlplane.errors import Conflict, FailedPrecondition, InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -62,6 +62,7 @@ def spec_from_pb(msg: deployments_pb2.ModelDeploymentSpec) -> ModelDeploymentSpe
             "node_selector": ",".join(terms),
             "affinity": dict(p.affinity),
             "context_threshold_tokens": p.context_threshold_tokens,
+            "autoscaling": p.autoscaling,
         }
         if p.max_replicas:
             pool["min_replicas"] = p.min_replicas
@@ -138,6 +139,7 @@ def spec_to_pb(spec: ModelDeploymentSpec) -> deployments_pb2.ModelDeploymentSpec
                 node_selector_expression=format_selector(p.node_selector),
                 affinity=dict(p.affinity),
                 context_threshold_tokens=p.context_threshold_tokens,
+                autoscaling=p.autoscaling,
             )
         )
     return msg
@@ -172,15 +174,67 @@ def status_to_pb(status: DeploymentStatus | None) -> deployments_pb2.ModelDeploy
 
 
 def deployment_to_pb(
-    record: DeploymentRecord, status: DeploymentStatus | None
+    record: DeploymentRecord,
+    status: DeploymentStatus | None,
+    planner: Mapping[str, Any] | None = None,
 ) -> deployments_pb2.ModelDeployment:
-    return deployments_pb2.ModelDeployment(
+    msg = deployments_pb2.ModelDeployment(
         spec=spec_to_pb(record.spec),
         status=status_to_pb(status),
         generation=record.generation,
         resource_version=record.resource_version,
         created_at=timestamp(record.created_at),
     )
+    if planner:
+        msg.planner.CopyFrom(planner_to_pb(planner))
+    return msg
+
+
+def planner_to_pb(doc: Mapping[str, Any]) -> deployments_pb2.PlannerView:
+    """The planner's record (``{prefix}/planner/<name>``, written by ``controlplane.planner``)."""
+
+    def role(name: object) -> deployments_pb2.PoolRole.ValueType:
+        try:
+            return ROLE_TO_PB[PoolRole(str(name))]
+        except ValueError:
+            return deployments_pb2.POOL_ROLE_UNSPECIFIED
+
+    def ms(v: object) -> float:
+        return float(v) if isinstance(v, int | float) else 0.0
+
+    view = deployments_pb2.PlannerView(
+        updated_at=timestamp(ms(doc.get("updated_at"))),
+        advisory=bool(doc.get("advisory", False)),
+        observed_rps=ms(doc.get("observed_rps")),
+        forecast_rps=ms(doc.get("forecast_rps")),
+    )
+    for p in doc.get("pools", ()):
+        view.pools.append(
+            deployments_pb2.PlannerPool(
+                role=role(p.get("role")),
+                current=int(p.get("current", 0)),
+                desired=int(p.get("desired", 0)),
+                ready=int(p.get("ready", 0)),
+                kind=str(p.get("kind", "")),
+                predicted_p95_ms=ms(p.get("predicted_ms")),
+                observed_p95_ms=ms(p.get("observed_ms")),
+                target_p95_ms=ms(p.get("target_ms")),
+                reason=str(p.get("reason", "")),
+                autoscaling=bool(p.get("autoscaling", False)),
+            )
+        )
+    for d in doc.get("decisions", ()):
+        view.decisions.append(
+            deployments_pb2.PlannerDecision(
+                time=timestamp(ms(d.get("time"))),
+                role=role(d.get("role")),
+                from_replicas=int(d.get("from", 0)),
+                to_replicas=int(d.get("to", 0)),
+                reason=str(d.get("reason", "")),
+                applied=bool(d.get("applied", False)),
+            )
+        )
+    return view
 
 
 class DeploymentsServicer(deployments_pb2_grpc.DeploymentsServicer):
@@ -196,7 +250,10 @@ class DeploymentsServicer(deployments_pb2_grpc.DeploymentsServicer):
         self._clock = clock
 
     async def _with_status(self, record: DeploymentRecord) -> deployments_pb2.ModelDeployment:
-        return deployment_to_pb(record, await self._store.get_status(record.spec.name))
+        name = record.spec.name
+        return deployment_to_pb(
+            record, await self._store.get_status(name), await self._store.get_planner(name)
+        )
 
     @unary
     async def Apply(
@@ -260,6 +317,11 @@ class DeploymentsServicer(deployments_pb2_grpc.DeploymentsServicer):
         if not pools:
             raise InvalidArgument(f"deployment {request.name!r} has no {role.value} pool")
         pool = pools[0]
+        if pool["autoscaling"]:
+            raise FailedPrecondition(
+                f"the {role.value} pool of {request.name!r} is autoscaled: the SLA planner owns "
+                "its replicas; change min_replicas / max_replicas, or set autoscaling: false"
+            )
         if not pool["min_replicas"] <= request.replicas <= pool["max_replicas"]:
             raise InvalidArgument(
                 f"replicas {request.replicas} is outside the {role.value} pool's "

@@ -21,6 +21,7 @@ import enum
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 from controlplane.core.sla import SlaClass
@@ -30,6 +31,9 @@ PREFILL = "prefill"
 DECODE = "decode"
 BOTH = "both"
 """Worker roles, as the gateway's ``WorkerSnapshot.role`` spells them."""
+
+
+_NO_TIMES: Mapping[str, float] = MappingProxyType({})
 
 
 class Stage(enum.StrEnum):
@@ -64,6 +68,38 @@ class TimingModel(Protocol):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DeploymentFacts:
+    """What the router knows about the deployment a request's model runs as (the same for
+    every request of the model; the gateway builds it once per deployment version)."""
+
+    name: str = ""
+    """The deployment's name ("" unknown): which routing profile applies."""
+    long_context_threshold_tokens: int = 0
+    """Prompts of at least this many tokens are long-context requests; 0: none."""
+    dp_size: int = 1
+    """Data-parallel attention ranks per worker (MoE); each rank has its own decode batch."""
+    expert_parallel: bool = False
+    """An MoE deployment with experts spread over GPUs (expert parallel / DP attention)."""
+    efficient_batch_size: int = 0
+    """Decode batch per rank where the timing model's per-token cost levels off
+    (``predict.efficient_batch_size``); 0: no packing."""
+
+    def __post_init__(self) -> None:
+        if self.dp_size < 1 or self.long_context_threshold_tokens < 0:
+            raise InvalidArgument("dp_size must be >= 1 and the threshold >= 0")
+        if self.efficient_batch_size < 0:
+            raise InvalidArgument("efficient_batch_size must be >= 0")
+
+    @property
+    def moe(self) -> bool:
+        """Routed with the MoE rules (per-rank balance, batch packing)."""
+        return self.expert_parallel or self.dp_size > 1
+
+
+NO_DEPLOYMENT = DeploymentFacts()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteRequest:
     """One request to route: what it asks for and what it was promised."""
 
@@ -81,6 +117,8 @@ class RouteRequest:
     """The SLA class's inter-token latency target (p95); None: none."""
     sla_class: str = ""
     tenant: str = ""
+    deployment: DeploymentFacts = NO_DEPLOYMENT
+    """Facts of the model's deployment (long-context threshold, MoE layout)."""
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0 or self.max_tokens < 0:
@@ -104,6 +142,7 @@ class RouteRequest:
         block_size: int,
         block_hashes: tuple[int, ...] = (),
         tenant: str = "",
+        deployment: DeploymentFacts = NO_DEPLOYMENT,
     ) -> RouteRequest:
         """A request of SLA class ``sla``: its TTFT and ITL targets come from the class."""
         return cls(
@@ -116,6 +155,7 @@ class RouteRequest:
             itl_target_ms=sla.itl_p95_ms,
             sla_class=sla.name,
             tenant=tenant,
+            deployment=deployment,
         )
 
     @property
@@ -155,6 +195,11 @@ class WorkerState:
     """0: the worker reports no KV capacity (the KV filter and scorer then do not judge it)."""
     max_context_tokens: int = 0
     """0: unknown (the context-length filter passes it)."""
+    chunked_prefill: bool = False
+    """The engine prefills long prompts in chunks between decode steps (so a long prompt does
+    not stall its decode batch for the whole prefill)."""
+    dp_rank_running: tuple[int, ...] = ()
+    """DP attention (MoE): running sequences per rank; empty: unknown or one rank."""
 
     @property
     def load(self) -> int:
@@ -193,6 +238,27 @@ class RouteContext:
     """Prefix overlap per worker id (from the prefix index)."""
     exclude: frozenset[str] = frozenset()
     """Workers that already failed this request."""
+    tenants: TenantShares | None = None
+    """Recent tokens per tenant, overall and per worker (``TenantFairShareScorer``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TenantShares:
+    """Recent (decayed) tokens served per tenant, overall and per worker: what the tenant
+    fair-share scorer reads. Built and updated by the shell off the routing call (the gateway's
+    ``TenantLedger``); plugins only read it."""
+
+    by_tenant: Mapping[str, float]
+    by_worker: Mapping[str, Mapping[str, float]]
+    """worker id -> tenant -> tokens."""
+
+    def over_fair_share(self) -> frozenset[str]:
+        """Tenants above an equal share of the tokens among the tenants served recently."""
+        active = {t: v for t, v in self.by_tenant.items() if v > 0}
+        if len(active) < 2:
+            return frozenset()
+        fair = sum(active.values()) / len(active)
+        return frozenset(t for t, v in active.items() if v > fair * (1 + 1e-9))
 
 
 class Filter(Protocol):
@@ -304,6 +370,9 @@ class StageTrace:
     """Each scorer's normalised weight."""
     chosen: str | None
     """The picked worker id; None when no candidate passed."""
+    plugin_seconds: Mapping[str, float] = field(default_factory=lambda: _NO_TIMES)
+    """Seconds spent in each filter / scorer / the picker, when the caller passed a clock to
+    the router (the shell's clock: the core reads none itself); empty otherwise."""
 
     def candidate(self, worker_id: str) -> CandidateScore:
         for c in self.candidates:

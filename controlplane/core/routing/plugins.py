@@ -8,7 +8,10 @@ Filters (each rejection says why, without the worker id; the pipeline prefixes i
 * ``ServingFilter``        not draining, circuit not open.
 * ``ContextLengthFilter``  prompt + max_tokens (prefill stage: the prompt) fits the context.
 * ``LongContextFilter``    a prompt of at least the deployment's threshold goes only to the
-                           long-context pool when that pool has a usable worker.
+                           long-context pool when that pool has a usable worker; shorter
+                           prompts stay off the pool.
+* ``ChunkedPrefillFilter`` a long prompt with no long-context pool: workers whose engine
+                           prefills in chunks (not stalling their decode batch).
 * ``KvHeadroomFilter``     enough free KV blocks for what the worker would hold.
 
 Scorers (each in [0, 1], higher better):
@@ -18,6 +21,11 @@ Scorers (each in [0, 1], higher better):
 * ``PrefixOverlapScorer``  fraction of the prompt's blocks the worker holds.
 * ``KvHeadroomScorer``     KV blocks left free after this request, as a fraction.
 * ``LoadBalanceScorer``    fewer requests on the worker.
+* ``TenantFairShareScorer`` over-share tenants kept on the workers they already load, the
+                           others steered away from them.
+* ``DpRankBalanceScorer``  MoE / DP attention: the emptiest rank, even ranks.
+* ``BatchPackingScorer``   MoE: fill decode batches toward the efficient size while the ITL
+                           target holds.
 
 Picker: ``MaxScorePicker`` (ties: uniformly among them, from the injected rng).
 """
@@ -128,28 +136,74 @@ class ContextLengthFilter:
 
 
 class LongContextFilter:
-    """A prompt of ``threshold_tokens`` or more goes to the ``pool`` workers only, when any
-    is still in the running; with none, every worker stays (the KV filter then keeps those
-    with room). Shorter prompts are not affected."""
+    """Keeps long prompts and interactive traffic apart. The threshold is ``threshold_tokens``
+    when given, else the deployment's (``request.deployment.long_context_threshold_tokens``;
+    0: the filter passes everyone).
+
+    * A prompt of at least the threshold goes to the ``pool`` workers only, when any is still
+      in the running (otherwise ``ChunkedPrefillFilter`` takes over);
+    * a shorter prompt stays off the ``pool`` workers while any other worker is in the
+      running: the pool is kept for the long prompts it was made for.
+    """
 
     name = "LongContext"
 
-    def __init__(self, threshold_tokens: int, pool: str = LONG_CONTEXT_POOL) -> None:
+    def __init__(self, threshold_tokens: int | None = None, pool: str = LONG_CONTEXT_POOL) -> None:
         self.threshold_tokens = threshold_tokens
+        self.pool = pool
+
+    def threshold(self, request: RouteRequest) -> int:
+        if self.threshold_tokens is not None:
+            return self.threshold_tokens
+        return request.deployment.long_context_threshold_tokens
+
+    def filter(
+        self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
+    ) -> Sequence[WorkerState]:
+        threshold = self.threshold(request)
+        if threshold <= 0:
+            return workers
+        if request.prompt_tokens >= threshold:
+            return [w for w in workers if w.pool == self.pool] or workers
+        return [w for w in workers if w.pool != self.pool] or workers
+
+    def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
+        threshold = self.threshold(request)
+        if request.prompt_tokens < threshold:
+            return f"{self.pool} pool is kept for prompts of {threshold}+ tokens"
+        return (
+            f"prompt {request.prompt_tokens} tokens >= long-context threshold "
+            f"{threshold}: {self.pool} pool only"
+        )
+
+
+class ChunkedPrefillFilter:
+    """A long prompt (at least the threshold, as ``LongContextFilter``) with no ``pool``
+    worker in the running goes to the workers whose engine prefills in chunks, when there is
+    one: a whole-prompt prefill of 100k tokens would stall their decode batch (every
+    interactive stream on it) for its whole length; chunks share steps with it. No such
+    worker: everyone stays (the KV filter then keeps those with room)."""
+
+    name = "ChunkedPrefill"
+
+    def __init__(self, threshold_tokens: int | None = None, pool: str = LONG_CONTEXT_POOL) -> None:
+        self._threshold = LongContextFilter(threshold_tokens, pool)
         self.pool = pool
 
     def filter(
         self, request: RouteRequest, workers: Sequence[WorkerState], ctx: RouteContext
     ) -> Sequence[WorkerState]:
-        if request.prompt_tokens < self.threshold_tokens:
+        threshold = self._threshold.threshold(request)
+        if threshold <= 0 or request.prompt_tokens < threshold:
             return workers
-        in_pool = [w for w in workers if w.pool == self.pool]
-        return in_pool or workers
+        if any(w.pool == self.pool for w in workers):
+            return workers
+        return [w for w in workers if w.chunked_prefill] or workers
 
     def reason(self, request: RouteRequest, worker: WorkerState, ctx: RouteContext) -> str:
         return (
             f"prompt {request.prompt_tokens} tokens >= long-context threshold "
-            f"{self.threshold_tokens}: {self.pool} pool only"
+            f"{self._threshold.threshold(request)} and no {self.pool} pool: needs chunked prefill"
         )
 
 
@@ -266,6 +320,101 @@ class LoadBalanceScorer:
         return [1.0 / (1 + c.worker.load) for c in candidates]
 
 
+class TenantFairShareScorer:
+    """Keeps a tenant that takes more than its share from crowding every worker.
+
+    Reads ``ctx.tenants`` (recent tokens per tenant, overall and per worker; no data or no
+    tenant on the request: 1 for all). A tenant *over* an equal share of the recent tokens
+    (``TenantShares.over_fair_share``) is drawn to the workers it already loads: the score is
+    its own fraction of the worker's recent tokens (0 on a worker it has not used), so its
+    load stays on a few workers. Any other tenant is drawn away from the heavy ones: 1 minus
+    the fraction of the worker's recent tokens that went to over-share tenants (1 on an idle
+    worker)."""
+
+    name = "TenantFairShare"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        shares = ctx.tenants
+        if shares is None or not request.tenant:
+            return [1.0] * len(candidates)
+        heavy = shares.over_fair_share()
+        out: list[float] = []
+        for c in candidates:
+            per = shares.by_worker.get(c.worker_id, {})
+            total = sum(per.values())
+            if request.tenant in heavy:
+                out.append(per.get(request.tenant, 0.0) / total if total > 0 else 0.0)
+            else:
+                crowd = sum(v for t, v in per.items() if t in heavy)
+                out.append(1.0 - crowd / total if total > 0 else 1.0)
+        return out
+
+
+def rank_batches(worker: WorkerState, dp_size: int) -> tuple[int, ...]:
+    """Running sequences per DP rank, emptiest first: the worker's report when it has one per
+    rank (plus what waits or is on its way, onto the emptiest ranks: the engine's DP balancer
+    fills those first), else its load spread evenly."""
+    if dp_size <= 1:
+        return (worker.batch_size + worker.waiting + worker.inflight_here,)
+    if len(worker.dp_rank_running) == dp_size:
+        extra = worker.waiting + worker.inflight_here
+        ranks = sorted(worker.dp_rank_running)
+        for _ in range(extra):  # what is queued or on its way lands on the emptiest ranks
+            ranks[0] += 1
+            ranks.sort()
+        return tuple(ranks)
+    load = worker.batch_size + worker.waiting + worker.inflight_here
+    return tuple(sorted(load // dp_size + (1 if i < load % dp_size else 0) for i in range(dp_size)))
+
+
+class DpRankBalanceScorer:
+    """MoE with data-parallel attention: each DP rank decodes its own batch and the slowest
+    rank paces every step of the expert layers, so a request should land where the rank it
+    joins (the emptiest) is emptiest, and ranks stay even: ``1 / (1 + min rank batch)`` times
+    ``1 - spread / (max + 1)``. One rank (``dp_size`` 1): ``1 / (1 + load)``."""
+
+    name = "DpRankBalance"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        out: list[float] = []
+        for c in candidates:
+            ranks = rank_batches(c.worker, request.deployment.dp_size)
+            lo, hi = min(ranks), max(ranks)
+            after_hi = max(hi, lo + 1)
+            out.append((1.0 / (1 + lo)) * (1.0 - (after_hi - lo - 1) / (after_hi + 1)))
+        return out
+
+
+class BatchPackingScorer:
+    """MoE decode: fill batches toward the deployment's efficient batch size (per DP rank,
+    ``DeploymentFacts.efficient_batch_size``: where the timing model's per-token cost levels
+    off, since every step reads the touched experts' weights whatever the batch), as long as
+    the ITL target holds. ``b`` = the joined rank's batch with this request, ``B`` = the
+    efficient size: ``b / B`` up to ``B``, ``B / b`` beyond; 0 when the predicted ITL misses
+    the class target. No efficient size: 1 for all (the scorer abstains)."""
+
+    name = "BatchPacking"
+
+    def score(
+        self, request: RouteRequest, candidates: Sequence[Candidate], ctx: RouteContext
+    ) -> Sequence[float]:
+        target = request.deployment.efficient_batch_size
+        if target <= 0:
+            return [1.0] * len(candidates)
+        out: list[float] = []
+        for c in candidates:
+            if request.itl_target_ms is not None and c.itl_ms > request.itl_target_ms:
+                out.append(0.0)
+                continue
+            b = min(rank_batches(c.worker, request.deployment.dp_size)) + 1
+            out.append(b / target if b <= target else target / b)
+        return out
+
+
 # --- pickers -----------------------------------------------------------------------------------
 
 
@@ -329,7 +478,7 @@ def default_filters(long_context_threshold_tokens: int | None = None) -> tuple[F
         ServingFilter(),
         ContextLengthFilter(),
     ]
-    if long_context_threshold_tokens is not None:
-        out.append(LongContextFilter(long_context_threshold_tokens))
+    out.append(LongContextFilter(long_context_threshold_tokens))
+    out.append(ChunkedPrefillFilter(long_context_threshold_tokens))
     out.append(KvHeadroomFilter())
     return tuple(out)

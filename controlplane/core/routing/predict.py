@@ -19,7 +19,7 @@ A prompt is never fully cached: engines always compute at least its last token, 
 
 from __future__ import annotations
 
-from controlplane.core.routing.framework import RouteRequest, Stage, WorkerState
+from controlplane.core.routing.framework import RouteRequest, Stage, TimingModel, WorkerState
 
 
 def cached_tokens(request: RouteRequest, cached_blocks: int) -> int:
@@ -69,3 +69,22 @@ def itl_ms(request: RouteRequest, worker: WorkerState) -> float:
 def interference_ms(request: RouteRequest, worker: WorkerState, cached: int) -> float:
     """Compute a local prefill on ``worker`` adds to its decode batch's steps."""
     return worker.timing.prefill_compute_ms(request.prompt_tokens - cached, cached)
+
+
+def efficient_batch_size(
+    timing: TimingModel,
+    *,
+    context_per_seq: int = 1024,
+    max_batch: int = 512,
+    tolerance: float = 0.05,
+) -> int:
+    """The smallest decode batch whose per-token cost (``decode_step_ms(b, b * context) / b``)
+    is within ``tolerance`` of the lowest over 1..``max_batch``: past it, a bigger batch saves
+    little per token and only stretches every step. With an MoE profile the step reads more
+    experts' weights as the batch grows until all are touched, so the cost per token falls
+    steeply at first."""
+    costs = [
+        timing.decode_step_ms(b, b * context_per_seq) / b for b in range(1, max(1, max_batch) + 1)
+    ]
+    best = min(costs)
+    return next(b for b, c in enumerate(costs, start=1) if c <= best * (1 + tolerance))

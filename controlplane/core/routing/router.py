@@ -21,7 +21,8 @@ with the model, the hardware, ``D``'s batch and the prefix ``D`` already holds; 
 prompt-length constant. The prefill is **remote** only when every one of these holds, checked
 in order (the first that fails keeps it local, and the trace says which):
 
-a. the caller did not ask for an aggregated route, and the model has a prefill worker;
+a. the caller did not ask for an aggregated route, and the model has a prefill worker (for a
+   decode worker of the long-context pool: the pool has one);
 b. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill delays no one;
 c. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` (the
    request's class target; no target, no slack): a prefill that fits would keep even a step
@@ -35,9 +36,15 @@ f. the remote prefill would not miss a TTFT target that the local one meets (``P
 With ``llama-3.1-8b-h100`` and the interactive class (ITL 50 ms) beside a batch of 16 at 1k
 context, (c) keeps prompts up to about 1.3k uncached tokens local.
 
-**Long context**: with ``long_context_threshold_tokens`` set, a prompt at or above it goes only
-to workers of the ``long_context`` pool, in both stages, whenever the pool has a usable worker;
-otherwise to any worker with KV room (``LongContextFilter`` then ``KvHeadroomFilter``).
+**Long context**: with a threshold (the deployment's, ``DeploymentFacts``), a prompt at or
+above it goes only to workers of the ``long_context`` pool whenever the pool has a usable
+worker, and is prefilled there (no remote prefill); without one, to workers whose engine
+prefills in chunks, with KV room. Shorter prompts stay off the pool while other workers can
+take them (``LongContextFilter`` then ``KvHeadroomFilter``).
+
+**Profiles**: which scorers and weights run in each stage comes from a ``ProfileTable`` per
+deployment and SLA class (``profiles.py``; MoE deployments get the MoE default: batch packing
+and DP-rank balance).
 
 ``decide`` is a pure read. ``route`` is ``decide`` plus the index update: the chosen workers
 are assumed to hold the prompt's blocks from now on (``PrefixIndex.record_route``), so the next
@@ -48,7 +55,7 @@ broken by the injected ``rng``, so a seeded ``random.Random`` reproduces every d
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from controlplane.core.routing import predict
@@ -64,12 +71,18 @@ from controlplane.core.routing.framework import (
     RoutingProfile,
     Stage,
     StageTrace,
+    TenantShares,
     Trace,
     Unroutable,
     WorkerState,
 )
 from controlplane.core.routing.index import PrefixIndex
-from controlplane.core.routing.plugins import default_decode_profile, default_prefill_profile
+from controlplane.core.routing.plugins import (
+    LONG_CONTEXT_POOL,
+    default_decode_profile,
+    default_prefill_profile,
+)
+from controlplane.core.routing.profiles import DEFAULT_TABLE, ProfileTable
 
 
 class SlaAwareRouter:
@@ -79,17 +92,28 @@ class SlaAwareRouter:
         self,
         index: PrefixIndex | None = None,
         *,
+        profiles: ProfileTable | None = None,
         decode_profile: RoutingProfile | None = None,
         prefill_profile: RoutingProfile | None = None,
         long_context_threshold_tokens: int | None = None,
     ) -> None:
+        """``profiles``: per deployment and SLA class (default ``DEFAULT_TABLE``). Giving
+        ``decode_profile`` / ``prefill_profile`` / ``long_context_threshold_tokens`` instead
+        fixes one pair of profiles for every request (tests, benchmarks)."""
         self.index = index if index is not None else PrefixIndex()
-        self.decode_profile = decode_profile or default_decode_profile(
-            long_context_threshold_tokens
-        )
-        self.prefill_profile = prefill_profile or default_prefill_profile(
-            long_context_threshold_tokens
-        )
+        self.profiles = profiles if profiles is not None else DEFAULT_TABLE
+        self._fixed: tuple[RoutingProfile, RoutingProfile] | None = None
+        if decode_profile or prefill_profile or long_context_threshold_tokens is not None:
+            self._fixed = (
+                decode_profile or default_decode_profile(long_context_threshold_tokens),
+                prefill_profile or default_prefill_profile(long_context_threshold_tokens),
+            )
+
+    def stage_profiles(self, request: RouteRequest) -> tuple[RoutingProfile, RoutingProfile]:
+        """(decode, prefill) profiles for ``request``: the fixed pair, else the table's."""
+        if self._fixed is not None:
+            return self._fixed
+        return self.profiles.resolve(request.deployment, request.model, request.sla_class)
 
     def route(
         self,
@@ -99,9 +123,19 @@ class SlaAwareRouter:
         *,
         exclude: frozenset[str] = frozenset(),
         aggregated: bool = False,
+        tenants: TenantShares | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> Decision | Unroutable:
         """``decide``, then record the chosen workers as holding the prompt's blocks."""
-        decision = self.decide(request, workers, rng, exclude=exclude, aggregated=aggregated)
+        decision = self.decide(
+            request,
+            workers,
+            rng,
+            exclude=exclude,
+            aggregated=aggregated,
+            tenants=tenants,
+            clock=clock,
+        )
         if isinstance(decision, Decision) and request.block_hashes:
             self.index.record_route(decision.decode.worker_id, request.block_hashes)
             if decision.prefill is not None:
@@ -116,25 +150,36 @@ class SlaAwareRouter:
         *,
         exclude: frozenset[str] = frozenset(),
         aggregated: bool = False,
+        tenants: TenantShares | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> Decision | Unroutable:
         """Where ``request`` should go among ``workers`` (all of its model, or filtered out);
-        ``exclude``: workers that failed it; ``aggregated``: no remote prefill."""
+        ``exclude``: workers that failed it; ``aggregated``: no remote prefill; ``tenants``:
+        recent tokens per tenant (for the fair-share scorer); ``clock``: the caller's clock,
+        to time each plugin into the trace's ``plugin_seconds`` (None: not timed)."""
         ordered = sorted(workers, key=lambda w: w.worker_id)
         cached = self.index.overlaps(request.block_hashes, (w.worker_id for w in ordered))
-        decode_ctx = RouteContext(Stage.DECODE, cached, exclude)
-        d, decode_trace = run_stage(self.decode_profile, request, ordered, decode_ctx, rng)
+        decode_profile, prefill_profile = self.stage_profiles(request)
+        decode_ctx = RouteContext(Stage.DECODE, cached, exclude, tenants)
+        d, decode_trace = run_stage(decode_profile, request, ordered, decode_ctx, rng, clock)
         if d is None:
             reasons = tuple(str(r) for r in decode_trace.rejections)
             return Unroutable(reasons, Trace(decode_trace))
 
         verdict = local_prefill_verdict(
-            request, d, aggregated=aggregated, has_prefill=any(w.role == PREFILL for w in ordered)
+            request,
+            d,
+            aggregated=aggregated,
+            has_prefill=any(w.role == PREFILL for w in ordered),
+            pool_has_prefill=any(
+                w.role == PREFILL and w.pool == LONG_CONTEXT_POOL for w in ordered
+            ),
         )
         if verdict.remote is False:
             return Decision(d.worker, None, Trace(decode_trace, verdict))
 
-        prefill_ctx = RouteContext(Stage.PREFILL, cached, exclude)
-        p, prefill_trace = run_stage(self.prefill_profile, request, ordered, prefill_ctx, rng)
+        prefill_ctx = RouteContext(Stage.PREFILL, cached, exclude, tenants)
+        p, prefill_trace = run_stage(prefill_profile, request, ordered, prefill_ctx, rng, clock)
         verdict = remote_prefill_verdict(request, d, p, verdict)
         trace = Trace(decode_trace, verdict, prefill_trace)
         if p is None or not verdict.remote:
@@ -162,14 +207,20 @@ def run_stage(
     workers: Sequence[WorkerState],
     ctx: RouteContext,
     rng: random.Random,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[Candidate | None, StageTrace]:
-    """One filter -> score -> pick pass over ``workers`` (sorted by id); always traced."""
+    """One filter -> score -> pick pass over ``workers`` (sorted by id); always traced.
+    ``clock``: time each plugin with it (``StageTrace.plugin_seconds``)."""
     rejections: list[Rejection] = []
     alive: Sequence[WorkerState] = workers
+    seconds: dict[str, float] = {}
     for f in profile.filters:
         if not alive:
             break
+        t0 = clock() if clock is not None else 0.0
         kept = f.filter(request, alive, ctx)
+        if clock is not None:
+            seconds[f.name] = seconds.get(f.name, 0.0) + clock() - t0
         kept_ids = {w.worker_id for w in kept}
         rejections += (
             Rejection(w.worker_id, f.name, f.reason(request, w, ctx))
@@ -186,7 +237,10 @@ def run_stage(
     totals = [0.0] * len(candidates)
     if candidates:
         for ws, weight in zip(profile.scorers, weights, strict=True):
+            t0 = clock() if clock is not None else 0.0
             values = ws.scorer.score(request, candidates, ctx)
+            if clock is not None:
+                seconds[ws.scorer.name] = seconds.get(ws.scorer.name, 0.0) + clock() - t0
             if len(values) != len(candidates):
                 raise ValueError(f"scorer {ws.scorer.name} returned a wrong-sized list")
             per_scorer.append(values)
@@ -212,20 +266,30 @@ def run_stage(
         candidates=scored,
         weights=weight_map,
         chosen=None if chosen is None else candidates[chosen].worker_id,
+        plugin_seconds=MappingProxyType(seconds),
     )
     return (None if chosen is None else candidates[chosen]), trace
 
 
 def local_prefill_verdict(
-    request: RouteRequest, decode: Candidate, *, aggregated: bool, has_prefill: bool
+    request: RouteRequest,
+    decode: Candidate,
+    *,
+    aggregated: bool,
+    has_prefill: bool,
+    pool_has_prefill: bool = False,
 ) -> DisaggregationVerdict:
     """Rules (a)-(d) of the module docstring: ``remote=False`` keeps the prefill on ``decode``;
-    ``remote=True`` means only that a remote prefill may be worth it (rules (e), (f) follow)."""
+    ``remote=True`` means only that a remote prefill may be worth it (rules (e), (f) follow).
+    A ``decode`` worker of the long-context pool prefills its own prompts unless the pool has
+    prefill workers (``pool_has_prefill``): a long prompt must not queue on the base pool's."""
     if aggregated:
         return DisaggregationVerdict(False, "aggregated route asked for")
     if not has_prefill:
         return DisaggregationVerdict(False, "no prefill worker")
     w = decode.worker
+    if w.pool == LONG_CONTEXT_POOL and not pool_has_prefill:
+        return DisaggregationVerdict(False, "the long-context pool prefills its own prompts")
     interference = predict.interference_ms(request, w, decode.cached_tokens)
     transfer = predict.transfer_ms(request, w)
     target = request.itl_target_ms

@@ -154,6 +154,7 @@ class Pool(_message.Message):
     CONTEXT_THRESHOLD_TOKENS_FIELD_NUMBER: _builtins.int
     NODE_SELECTOR_EXPRESSION_FIELD_NUMBER: _builtins.int
     AFFINITY_FIELD_NUMBER: _builtins.int
+    AUTOSCALING_FIELD_NUMBER: _builtins.int
     role: Global___PoolRole.ValueType
     replicas: _builtins.int
     min_replicas: _builtins.int
@@ -162,6 +163,10 @@ class Pool(_message.Message):
     """For POOL_ROLE_LONG_CONTEXT: prompts of at least this many tokens go here."""
     node_selector_expression: _builtins.str
     """Label selector expression ("gpu=h100,zone!=b,!spot"); ANDed with node_selector."""
+    autoscaling: _builtins.bool
+    """True: the SLA planner owns `replicas` within [min_replicas, max_replicas]; Apply keeps the
+    stored count and Scale is refused. False: `replicas` stands; the planner only recommends.
+    """
     @_builtins.property
     def sla_classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -182,10 +187,11 @@ class Pool(_message.Message):
         context_threshold_tokens: _builtins.int = ...,
         node_selector_expression: _builtins.str = ...,
         affinity: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        autoscaling: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "context_threshold_tokens", b"context_threshold_tokens", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "node_selector", b"node_selector", "node_selector_expression", b"node_selector_expression", "replicas", b"replicas", "role", b"role", "sla_classes", b"sla_classes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity", b"affinity", "autoscaling", b"autoscaling", "context_threshold_tokens", b"context_threshold_tokens", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "node_selector", b"node_selector", "node_selector_expression", b"node_selector_expression", "replicas", b"replicas", "role", b"role", "sla_classes", b"sla_classes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +431,138 @@ class ModelDeploymentStatus(_message.Message):
 Global___ModelDeploymentStatus: _TypeAlias = ModelDeploymentStatus  # noqa: Y015
 
 @_typing.final
+class PlannerDecision(_message.Message):
+    """One change the SLA planner made (or, advisory, would make) to a pool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    FROM_REPLICAS_FIELD_NUMBER: _builtins.int
+    TO_REPLICAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    role: Global___PoolRole.ValueType
+    from_replicas: _builtins.int
+    to_replicas: _builtins.int
+    reason: _builtins.str
+    """Why, in words: "decode ITL p95 62 ms > 50 ms target at 41.0 rps → +2 decode"."""
+    applied: _builtins.bool
+    """False: not written to the spec (advisory mode, or the pool is not autoscaled)."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        role: Global___PoolRole.ValueType = ...,
+        from_replicas: _builtins.int = ...,
+        to_replicas: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "from_replicas", b"from_replicas", "reason", b"reason", "role", b"role", "time", b"time", "to_replicas", b"to_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannerDecision: _TypeAlias = PlannerDecision  # noqa: Y015
+
+@_typing.final
+class PlannerPool(_message.Message):
+    """The planner's latest view of one pool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PREDICTED_P95_MS_FIELD_NUMBER: _builtins.int
+    OBSERVED_P95_MS_FIELD_NUMBER: _builtins.int
+    TARGET_P95_MS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AUTOSCALING_FIELD_NUMBER: _builtins.int
+    role: Global___PoolRole.ValueType
+    current: _builtins.int
+    desired: _builtins.int
+    ready: _builtins.int
+    kind: _builtins.str
+    """"ttft", "itl" or "itl+ttft": the latency this pool is sized for."""
+    predicted_p95_ms: _builtins.float
+    """p95 latencies in milliseconds; 0 when unknown."""
+    observed_p95_ms: _builtins.float
+    target_p95_ms: _builtins.float
+    reason: _builtins.str
+    autoscaling: _builtins.bool
+    def __init__(
+        self,
+        *,
+        role: Global___PoolRole.ValueType = ...,
+        current: _builtins.int = ...,
+        desired: _builtins.int = ...,
+        ready: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        predicted_p95_ms: _builtins.float = ...,
+        observed_p95_ms: _builtins.float = ...,
+        target_p95_ms: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        autoscaling: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "current", b"current", "desired", b"desired", "kind", b"kind", "observed_p95_ms", b"observed_p95_ms", "predicted_p95_ms", b"predicted_p95_ms", "ready", b"ready", "reason", b"reason", "role", b"role", "target_p95_ms", b"target_p95_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannerPool: _TypeAlias = PlannerPool  # noqa: Y015
+
+@_typing.final
+class PlannerView(_message.Message):
+    """What the SLA planner last decided for a deployment (written by the leader every pass)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ADVISORY_FIELD_NUMBER: _builtins.int
+    OBSERVED_RPS_FIELD_NUMBER: _builtins.int
+    FORECAST_RPS_FIELD_NUMBER: _builtins.int
+    POOLS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    advisory: _builtins.bool
+    """The planner only reports; it writes no spec."""
+    observed_rps: _builtins.float
+    forecast_rps: _builtins.float
+    """The arrival rate the pools were sized for (forecast plus backlog)."""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannerPool]: ...
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannerDecision]:
+        """Newest last."""
+
+    def __init__(
+        self,
+        *,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        advisory: _builtins.bool = ...,
+        observed_rps: _builtins.float = ...,
+        forecast_rps: _builtins.float = ...,
+        pools: _abc.Iterable[Global___PlannerPool] | None = ...,
+        decisions: _abc.Iterable[Global___PlannerDecision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advisory", b"advisory", "decisions", b"decisions", "forecast_rps", b"forecast_rps", "observed_rps", b"observed_rps", "pools", b"pools", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannerView: _TypeAlias = PlannerView  # noqa: Y015
+
+@_typing.final
 class ModelDeployment(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -433,6 +571,7 @@ class ModelDeployment(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    PLANNER_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """Increments on every spec change."""
     resource_version: _builtins.int
@@ -443,6 +582,10 @@ class ModelDeployment(_message.Message):
     def status(self) -> Global___ModelDeploymentStatus: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def planner(self) -> Global___PlannerView:
+        """Unset when no planner has looked at this deployment."""
+
     def __init__(
         self,
         *,
@@ -451,10 +594,11 @@ class ModelDeployment(_message.Message):
         generation: _builtins.int = ...,
         resource_version: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        planner: Global___PlannerView | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "planner", b"planner", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "generation", b"generation", "resource_version", b"resource_version", "spec", b"spec", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "generation", b"generation", "planner", b"planner", "resource_version", b"resource_version", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

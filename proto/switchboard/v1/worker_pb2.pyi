@@ -348,6 +348,9 @@ class WorkerStats(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     KV_EVENTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
+    DP_RANK_RUNNING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     running_requests: _builtins.int
     waiting_requests: _builtins.int
@@ -364,9 +367,23 @@ class WorkerStats(_message.Message):
     """True once the worker stopped taking new work (it finishes what it has, then leaves)."""
     sequence: _builtins.int
     """Monotonic sequence number of this report."""
+    batch_context_tokens: _builtins.int
+    """Context tokens the sequences of the decode batch hold in all (what a decode step reads);
+    unset: the engine does not know.
+    """
+    queued_prefill_tokens: _builtins.int
+    """Prompt tokens still to prefill: waiting requests' prompts plus the unprefilled rest of
+    running ones (chunked prefill); unset: the engine does not know.
+    """
     @_builtins.property
     def kv_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___KvBlockEvent]:
         """In WatchStats: the KV events since the previous message."""
+
+    @_builtins.property
+    def dp_rank_running(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With data-parallel attention (MoE): running sequences per DP rank, rank 0 first; empty:
+        one rank, or the engine does not say.
+        """
 
     def __init__(
         self,
@@ -384,11 +401,21 @@ class WorkerStats(_message.Message):
         draining: _builtins.bool = ...,
         kv_events: _abc.Iterable[Global___KvBlockEvent] | None = ...,
         sequence: _builtins.int = ...,
+        batch_context_tokens: _builtins.int | None = ...,
+        queued_prefill_tokens: _builtins.int | None = ...,
+        dp_rank_running: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_context_tokens", b"_batch_context_tokens", "_queued_prefill_tokens", b"_queued_prefill_tokens", "batch_context_tokens", b"batch_context_tokens", "queued_prefill_tokens", b"queued_prefill_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "inflight_requests", b"inflight_requests", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "kv_events", b"kv_events", "last_batch_size", b"last_batch_size", "max_batch_size_seen", b"max_batch_size_seen", "prefix_cache_hit_rate", b"prefix_cache_hit_rate", "running_requests", b"running_requests", "sequence", b"sequence", "tokens_per_second", b"tokens_per_second", "waiting_requests", b"waiting_requests", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_context_tokens", b"_batch_context_tokens", "_queued_prefill_tokens", b"_queued_prefill_tokens", "batch_context_tokens", b"batch_context_tokens", "dp_rank_running", b"dp_rank_running", "draining", b"draining", "inflight_requests", b"inflight_requests", "kv_blocks_total", b"kv_blocks_total", "kv_blocks_used", b"kv_blocks_used", "kv_events", b"kv_events", "last_batch_size", b"last_batch_size", "max_batch_size_seen", b"max_batch_size_seen", "prefix_cache_hit_rate", b"prefix_cache_hit_rate", "queued_prefill_tokens", b"queued_prefill_tokens", "running_requests", b"running_requests", "sequence", b"sequence", "tokens_per_second", b"tokens_per_second", "waiting_requests", b"waiting_requests", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_context_tokens: _TypeAlias = _typing.Literal["batch_context_tokens"]  # noqa: Y015
+    _WhichOneofArgType__batch_context_tokens: _TypeAlias = _typing.Literal["_batch_context_tokens", b"_batch_context_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__queued_prefill_tokens: _TypeAlias = _typing.Literal["queued_prefill_tokens"]  # noqa: Y015
+    _WhichOneofArgType__queued_prefill_tokens: _TypeAlias = _typing.Literal["_queued_prefill_tokens", b"_queued_prefill_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_context_tokens) -> _WhichOneofReturnType__batch_context_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__queued_prefill_tokens) -> _WhichOneofReturnType__queued_prefill_tokens | None: ...
 
 Global___WorkerStats: _TypeAlias = WorkerStats  # noqa: Y015

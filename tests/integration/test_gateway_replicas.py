@@ -1,0 +1,113 @@
+"""Several gateway replicas on one etcd: each registers under a lease, each watches the others,
+and a tenant's quotas are enforced fleet-wide (each replica admits its share).
+
+Real etcd, one real sim worker (role both), two real gateway processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.adapters.etcd.client import EtcdClient
+from controlplane.adapters.etcd.tenants import EtcdTenantStore
+from controlplane.core.tenants import Quotas, Tenant
+from controlplane.local.procs import EtcdServer, ManagedProcess
+from tests.helpers import start_worker, wait_until
+from tests.integration.test_gateway import get_json, start_gateway
+
+pytestmark = pytest.mark.timeout(300)
+MODEL = "llama-3.1-8b"
+
+
+def _create_tenant(endpoint: str, tenant: Tenant) -> str:
+    async def run() -> str:
+        client = EtcdClient(endpoint)
+        try:
+            return (await EtcdTenantStore(client).create(tenant)).api_key
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def _complete(port: int, key: str) -> tuple[int, dict[str, Any], str]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 2}).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read()), ""
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers.get("retry-after") or ""
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[EtcdServer, list[tuple[ManagedProcess, int]]]]:
+    etcd = EtcdServer(tmp_path / "etcd-data", log_path=tmp_path / "etcd.log").start()
+    procs: list[ManagedProcess] = []
+    try:
+        worker = start_worker(tmp_path, etcd.endpoint, "rep-w", role="both", model=MODEL)
+        procs.append(worker.process)
+        gateways = []
+        for name in ("gw-a", "gw-b"):
+            d = tmp_path / name
+            d.mkdir()
+            proc, http_port, _ = start_gateway(d, etcd.endpoint, ["--gateway-id", name])
+            procs.append(proc)
+            gateways.append((proc, http_port))
+        yield etcd, gateways
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        etcd.stop()
+
+
+def test_quotas_are_split_between_live_gateway_replicas(
+    stack: tuple[EtcdServer, list[tuple[ManagedProcess, int]]],
+) -> None:
+    etcd, gateways = stack
+    (_, port_a), (proc_b, port_b) = gateways
+    key = _create_tenant(
+        etcd.endpoint, Tenant("capped", ("*",), (), quotas=Quotas(requests_per_minute=4))
+    )
+
+    def replicas(port: int) -> int:
+        status, body = get_json(f"http://127.0.0.1:{port}/health")
+        return int(body.get("replicas", 0)) if status == 200 else 0
+
+    def both_seen() -> bool:
+        return replicas(port_a) == 2 and replicas(port_b) == 2
+
+    wait_until(both_seen, 30, what="each gateway to see both replicas")
+
+    # the fleet-wide limit is 4/min: each replica admits its share of 2, then 429s
+    served = {port_a: 0, port_b: 0}
+    for port in (port_a, port_b):
+        for _ in range(3):
+            status, body, retry_after = _complete(port, key)
+            if status == 200:
+                served[port] += 1
+            else:
+                assert status == 429, body
+                assert "requests_per_minute 2" in body["error"]["message"], body
+                assert retry_after and float(retry_after) > 0
+    assert served == {port_a: 2, port_b: 2}
+
+    # a replica that stops revokes its lease: the other takes the whole quota again
+    proc_b.stop()
+    wait_until(lambda: replicas(port_a) == 1, 30, what="gateway a to see itself alone")
+    status, body, _ = _complete(port_a, key)
+    # its bucket is resized to the whole 4/min (keeping its level, so this one is still early)
+    assert status == 429, body
+    assert "requests_per_minute 4" in body["error"]["message"], body
