@@ -43,6 +43,8 @@ class WorkerSnapshot:
     waiting: int = 0
     inflight_here: int = 0
     """Requests this gateway has on the worker now."""
+    pending_prefill_tokens: int = 0
+    """Prompt tokens this gateway sent the worker to prefill, first token not back yet."""
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     circuit_allows: bool = True

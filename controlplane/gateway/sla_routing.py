@@ -75,7 +75,9 @@ def worker_state(
         waiting=snapshot.waiting,
         inflight_here=snapshot.inflight_here,
         queued_prefill_tokens=snapshot.queued_prefill_tokens,
-        batch_size=snapshot.batch_size or snapshot.running,
+        pending_prefill_tokens=snapshot.pending_prefill_tokens,
+        # the batch is at least what this gateway has decoding there (reports lag)
+        batch_size=max(snapshot.batch_size or snapshot.running, snapshot.inflight_here),
         context_tokens=snapshot.batch_context_tokens,
         kv_blocks_used=snapshot.kv_blocks_used,
         kv_blocks_total=snapshot.kv_blocks_total,

@@ -104,13 +104,37 @@ class LoadReport:
     dp_rank_running: tuple[int, ...] = ()
 
 
+class PendingPrefill:
+    """One request's prompt tokens counted as pending prefill on a worker, until ``done``."""
+
+    __slots__ = ("_pending", "_tokens", "_worker_id")
+
+    def __init__(self, pending: dict[str, int], worker_id: str, tokens: int) -> None:
+        self._pending, self._worker_id, self._tokens = pending, worker_id, tokens
+        if tokens > 0:
+            pending[worker_id] = pending.get(worker_id, 0) + tokens
+
+    def done(self) -> None:
+        if self._tokens > 0:
+            left = self._pending.get(self._worker_id, 0) - self._tokens
+            if left > 0:
+                self._pending[self._worker_id] = left
+            else:
+                self._pending.pop(self._worker_id, None)
+            self._tokens = 0
+
+
 class WorkerChannels:
-    """One gRPC channel per worker endpoint, created on first use."""
+    """One gRPC channel (and one stub on it) per worker endpoint, created on first use."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, worker_pb2_grpc.WorkerAsyncStub] = {}
 
     def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerAsyncStub:
+        stub = self._stubs.get(endpoint)
+        if stub is not None:
+            return stub
         channel = self._channels.get(endpoint)
         if channel is None:
             channel = grpc.aio.insecure_channel(
@@ -122,9 +146,11 @@ class WorkerChannels:
                 ],
             )
             self._channels[endpoint] = channel
-        return worker_pb2_grpc.WorkerStub(channel)
+        stub = self._stubs[endpoint] = worker_pb2_grpc.WorkerStub(channel)
+        return stub
 
     async def drop(self, endpoint: str) -> None:
+        self._stubs.pop(endpoint, None)
         channel = self._channels.pop(endpoint, None)
         if channel is not None:
             await channel.close()
@@ -133,6 +159,7 @@ class WorkerChannels:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._stubs.clear()
 
 
 class WorkersView:
@@ -165,6 +192,8 @@ class WorkersView:
         self.loads: dict[str, LoadReport] = {}
         self.stats_down: set[str] = set()
         self.inflight: dict[str, int] = {}
+        self.pending_prefill: dict[str, int] = {}
+        """Prompt tokens sent to each worker to prefill whose first token is not back."""
         self._stats_tasks: dict[str, asyncio.Task[None]] = {}
         self.synced = asyncio.Event()
         self.deployments_synced = asyncio.Event()
@@ -207,6 +236,7 @@ class WorkersView:
                     running=load.running,
                     waiting=load.waiting,
                     inflight_here=self.inflight.get(r.worker_id, 0),
+                    pending_prefill_tokens=self.pending_prefill.get(r.worker_id, 0),
                     kv_blocks_used=load.kv_blocks_used,
                     kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
                     circuit_allows=circuit_allows(r.worker_id),
@@ -232,11 +262,16 @@ class WorkersView:
         return min(values, default=0)
 
     @contextlib.contextmanager
-    def in_flight(self, worker_id: str) -> Iterator[None]:
+    def in_flight(self, worker_id: str, prefill_tokens: int = 0) -> Iterator[PendingPrefill]:
+        """Count a request on ``worker_id`` for its duration; with ``prefill_tokens``, also
+        count its prompt as pending prefill there until ``mark.done()`` (its first token) or
+        the end, whichever is first."""
         self.inflight[worker_id] = self.inflight.get(worker_id, 0) + 1
+        mark = PendingPrefill(self.pending_prefill, worker_id, prefill_tokens)
         try:
-            yield
+            yield mark
         finally:
+            mark.done()
             n = self.inflight.get(worker_id, 1) - 1
             if n > 0:
                 self.inflight[worker_id] = n

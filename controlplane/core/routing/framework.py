@@ -186,6 +186,9 @@ class WorkerState:
     """Requests this router has on the worker now (covers the time between two reports)."""
     queued_prefill_tokens: int | None = None
     """Prompt tokens waiting for prefill on the worker; None: unknown (see ``predict``)."""
+    pending_prefill_tokens: int = 0
+    """Prompt tokens this router sent to the worker whose first token has not come back: a
+    floor for its prefill queue that is never stale (reports are up to one interval old)."""
     batch_size: int = 0
     """Sequences in the worker's decode batch now."""
     context_tokens: int = 0

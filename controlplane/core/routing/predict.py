@@ -2,7 +2,9 @@
 
 * ``queue_ms``: the prefill work waiting ahead on the worker. With ``queued_prefill_tokens``
   known, ``waiting`` prompts of the mean queued size, each a prefill pass of its own; unknown,
-  each waiting request is assumed to be as long as this one.
+  each waiting request is assumed to be as long as this one. Either way at least one prefill
+  pass over ``pending_prefill_tokens``, the prompts this router sent that have not come back
+  with a first token (what the worker's next report will show).
 * ``ttft_ms``, decode stage (the worker prefills locally): queue + the uncached part of the
   prompt's prefill + one decode step of its current batch (the prefill rides in a step of that
   batch; an idle worker has none).
@@ -28,15 +30,18 @@ def cached_tokens(request: RouteRequest, cached_blocks: int) -> int:
 
 
 def queue_ms(request: RouteRequest, worker: WorkerState) -> float:
-    """Predicted wait for the prefills queued ahead of this request on ``worker``."""
+    """Predicted wait for the prefills queued ahead of this request on ``worker``: from its
+    last report, but never less than this router's own prefills still pending there."""
     t = worker.timing
+    pending = worker.pending_prefill_tokens
+    floor = t.prefill_ms(pending, 0) if pending > 0 else 0.0
     queued = worker.queued_prefill_tokens
     if queued is None:
-        return worker.waiting * t.prefill_ms(request.prompt_tokens, 0)
+        return max(floor, worker.waiting * t.prefill_ms(request.prompt_tokens, 0))
     if queued <= 0:
-        return 0.0
+        return floor
     prompts = max(worker.waiting, 1)
-    return prompts * t.prefill_ms(-(-queued // prompts), 0)
+    return max(floor, prompts * t.prefill_ms(-(-queued // prompts), 0))
 
 
 def transfer_ms(request: RouteRequest, worker: WorkerState) -> float:

@@ -1,0 +1,62 @@
+"""The router's own pending prefills: a floor under the reported queue that is never stale."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.core.routing import SlaAwareRouter
+from controlplane.core.routing.framework import Decision
+from controlplane.core.routing.predict import queue_ms
+from controlplane.gateway.workers_view import PendingPrefill
+from tests.unit.routing_builders import TIMING, request, worker
+
+
+@pytest.mark.parametrize(
+    ("reported", "waiting", "pending", "expected_ms"),
+    [
+        (None, 0, 0, 0.0),  # idle by the report, nothing sent since
+        (0, 0, 4096, TIMING.prefill_ms(4096, 0)),  # the report is stale: our 4k prompt waits
+        (None, 0, 4096, TIMING.prefill_ms(4096, 0)),
+        (8192, 1, 1024, TIMING.prefill_ms(8192, 0)),  # the report already shows more
+        (None, 2, 0, 2 * TIMING.prefill_ms(512, 0)),  # unknown queue: 2 prompts like this one
+    ],
+)
+def test_queue_is_at_least_the_routers_own_pending_prefills(
+    reported: int | None, waiting: int, pending: int, expected_ms: float
+) -> None:
+    w = worker(
+        "d1", queued_prefill_tokens=reported, waiting=waiting, pending_prefill_tokens=pending
+    )
+    assert queue_ms(request(512), w) == pytest.approx(expected_ms)
+
+
+def test_a_burst_spreads_before_the_next_report() -> None:
+    """Two decode workers that both reported idle: a 4k prompt just sent to d1 (no report yet)
+    makes the next one go to d2."""
+    import random
+
+    router = SlaAwareRouter()
+    busy_d1 = [worker("d1", pending_prefill_tokens=4096, inflight_here=1), worker("d2")]
+    req = request(4096)
+    second = router.route(req, busy_d1, rng=random.Random(0))
+    assert isinstance(second, Decision), second
+    assert second.decode.worker_id == "d2", second.trace.explain()
+    assert "TtftHeadroom" in second.trace.explain()
+    busy_d2 = [worker("d1"), worker("d2", pending_prefill_tokens=4096, inflight_here=1)]
+    # a fresh router: the first one's index now has the prompt's blocks on d2
+    mirrored = SlaAwareRouter().route(req, busy_d2, rng=random.Random(0))
+    assert isinstance(mirrored, Decision) and mirrored.decode.worker_id == "d1"
+
+
+def test_pending_prefill_marks_count_once() -> None:
+    pending: dict[str, int] = {}
+    a = PendingPrefill(pending, "w", 100)
+    b = PendingPrefill(pending, "w", 50)
+    assert pending == {"w": 150}
+    a.done()
+    a.done()  # idempotent
+    assert pending == {"w": 50}
+    b.done()
+    assert pending == {}
+    PendingPrefill(pending, "w", 0).done()
+    assert pending == {}
