@@ -1,0 +1,91 @@
+"""benchmarks/trace_replay.py, small and bounded: two client-side policies on a 1+1 sim fleet.
+
+Runs the script as a user would (real ``serve-openai --engine sim`` processes on 127.0.0.1) and
+checks the results file: its structure, and that the requests completed. Timings are not
+asserted (shared machine); the benchmark itself compares policies within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.trace_replay import (
+    MOONCAKE_BLOCK,
+    TRACES_DIR,
+    PromptBuilder,
+    TraceRequest,
+    ideal_hit_rate,
+)
+from workers.tokenizer import SimTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_prompts_share_exactly_the_named_blocks() -> None:
+    """Same hash id -> same token block; a different id right after -> different tokens."""
+    tok = SimTokenizer(128256)
+    build = PromptBuilder()
+    a = TraceRequest(0.0, 1000, 4, (("mc", 1), ("mc", 2)), "standard", "t")
+    b = TraceRequest(0.0, 700, 4, (("mc", 1), ("mc", 3)), "standard", "t")
+    ids_a = tok.encode(build.prompt(a, 1 << 20))
+    ids_b = tok.encode(build.prompt(b, 1 << 20))
+    assert len(ids_a) == 1000
+    assert len(ids_b) == 700
+    assert ids_a[:MOONCAKE_BLOCK] == ids_b[:MOONCAKE_BLOCK]
+    second = slice(MOONCAKE_BLOCK, MOONCAKE_BLOCK + 16)
+    assert ids_a[second] != ids_b[second]
+    # the second request reuses its first block: 512 of 1,700 prompt tokens
+    assert ideal_hit_rate([a, b], 16, 1 << 20) == pytest.approx(512 / 1700)
+
+
+@pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"{TRACES_DIR} is not here")
+def test_small_replay_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "replay.json"
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "trace_replay.py"),
+        "--trace", "azure-code",
+        "--policies", "round_robin,least_loaded",
+        "--fleet", "1p1d",
+        "--max-requests", "6",
+        "--rate-scale", "50",
+        "--speedup", "1",
+        "--max-output-tokens", "8",
+        "--duration", "10",
+        "--drain-timeout", "30",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "trace_replay"
+    assert doc["method"]["roles"] == ["prefill", "decode"]
+    run = doc["runs"]["azure-code"]
+    assert run["workload"]["requests"] == 6
+    assert set(run["policies"]) == {"round_robin", "least_loaded"}
+    for name, entry in run["policies"].items():
+        assert entry["status"] == "ok", (name, entry)
+        assert entry["sent"] == 6
+        assert entry["completed"] == 6, entry["error_examples"]
+        assert entry["errors"] == 0
+        assert entry["output_tokens"] > 0
+        assert 0.0 <= entry["attainment"] <= 1.0
+        good = round(entry["attainment"] * entry["sent"])
+        assert entry["goodput_rps"] == pytest.approx(good / entry["send_window_sim_s"], rel=1e-2)
+        assert entry["goodput_rps_vllm"] <= entry["throughput_rps"]
+        assert set(entry["classes"]) == {"interactive"}
+        assert entry["classes"]["interactive"]["requests"] == 6
+        for metric in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+            assert entry[metric]["p50"] is not None and entry[metric]["p50"] > 0
+            assert entry[metric]["p99"] >= entry[metric]["p50"]
+        # both workers were asked for their prefix-cache stats; unique prompts hit nothing
+        assert len(entry["workers"]) == 2
+        assert entry["prefix_hit_rate"] == 0.0
+    assert sum(w["prompt_tokens"] > 0 for w in run["policies"]["round_robin"]["workers"]) == 2
+    assert run["target"]["met"] is False  # switchboard did not run
+    assert out.with_suffix(".png").stat().st_size > 0
