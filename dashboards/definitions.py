@@ -221,10 +221,20 @@ def sla_overview() -> Dashboard:
                         "Inter-token latency",
                         "timeseries",
                         _quantiles("itl_seconds", "sla_class", TMC, recorded=True),
-                        description="p50 / p95 / p99 per class (targets: interactive 50 ms,"
-                        " standard 100 ms).",
+                        description="p50 / p95 / p99 per class, per gap between tokens"
+                        " (targets: interactive 50 ms, standard 100 ms).",
                         unit="s",
                         width=12,
+                    ),
+                    Panel(
+                        "Time per output token (per request)",
+                        "timeseries",
+                        _quantiles("tpot_seconds", "sla_class", TMC, recorded=True),
+                        description="p50 / p95 / p99 per class of each request's mean gap"
+                        " (TPOT): what the SLO's ITL target is judged on, and what the planner"
+                        " sizes decode pools by.",
+                        unit="s",
+                        width=8,
                     ),
                     Panel(
                         "End-to-end latency p95",

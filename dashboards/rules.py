@@ -140,7 +140,7 @@ def latency_recording_rules() -> RuleGroup:
             "sum by (tenant, model) (rate(switchboard_generation_tokens_total[5m]))",
         ),
     ]
-    for metric in ("ttft_seconds", "itl_seconds"):
+    for metric in ("ttft_seconds", "itl_seconds", "tpot_seconds"):
         rules.append(
             RecordingRule(
                 f"switchboard:{metric}_bucket:rate5m",

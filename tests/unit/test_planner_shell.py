@@ -59,6 +59,23 @@ def test_a_window_of_gateway_counters_becomes_an_observation() -> None:
     assert by["standard"].ttft_p95_ms is not None and by["standard"].ttft_p95_ms <= 300
 
 
+def test_per_request_tpot_wins_over_per_gap_itl() -> None:
+    """A gateway exporting TPOT per request: the planner judges ITL on it, not on the gaps
+    (whose p95 the router's local prefills keep near the target by design)."""
+    m = GatewayMetrics()
+    serve(m, 1, "interactive", 0.1, 0.01)
+    before = scrape(m)["m"]
+    serve(m, 50, "interactive", 0.1, 0.06)  # per-gap ITL p95 above the 50 ms target ...
+    for _ in range(50):
+        m.tpot.labels("acme", "m", "interactive").observe(0.03)  # ... per request well under
+    obs = observe(before, scrape(m)["m"], 10.0)
+    assert obs is not None
+    itl = obs.classes[0].itl_p95_ms
+    assert itl is not None and itl <= 50, itl
+    merged = merge([scrape(m), scrape(m)])["m"].classes["interactive"]
+    assert merged.tpot.count == 100
+
+
 def test_requests_refused_before_any_work_are_not_load() -> None:
     m = GatewayMetrics()
     serve(m, 10, "interactive", 0.1, 0.01)
