@@ -166,8 +166,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             cached_prompt_tokens=res.cached_prompt_tokens,
         )
 
+    @unary
+    async def DecodeUnary(
+        self, request: worker_pb2.DecodeRequest, context: Context
+    ) -> worker_pb2.DecodeChunk:
+        """``Decode``'s chunks as one message: all the tokens, the last chunk's finish reason
+        and usage."""
+        out = worker_pb2.DecodeChunk()
+        async for chunk in self._decode(request, context):
+            out.token_ids.extend(chunk.token_ids)
+            if chunk.finish_reason:
+                out.finish_reason = chunk.finish_reason
+                out.usage.CopyFrom(chunk.usage)
+        return out
+
     @server_stream
     async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        async for msg in self._decode(request, context):
+            yield msg
+
+    async def _decode(
         self, request: worker_pb2.DecodeRequest, context: Context
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         request_id = _request_id(request.request_id)

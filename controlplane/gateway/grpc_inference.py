@@ -133,8 +133,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         )
         progress.tenant = ticket.tenant_id
         tenant = self.metrics.tenant_label(ticket.tenant_id)
-        self.metrics.prompt_tokens.labels(tenant, model).inc(len(prompt))
-        in_flight = self.metrics.in_flight.labels(model)
+        self.metrics.child(self.metrics.prompt_tokens, tenant, model).inc(len(prompt))
+        in_flight = self.metrics.child(self.metrics.in_flight, model)
         in_flight.inc()
         stream = gw.stream(
             request_id,

@@ -241,7 +241,7 @@ class GatewayApp:
             raise
         finally:
             if state["model"]:
-                self.metrics.in_flight.labels(state["model"]).dec()
+                self.metrics.child(self.metrics.in_flight, state["model"]).dec()
             watcher.cancel()
 
     async def _serve(
@@ -275,7 +275,7 @@ class GatewayApp:
                 if not self.gateway.view.has_model(model):
                     raise model_not_found(model, "GET /v1/models lists the served models")
                 state["model"] = model
-                self.metrics.in_flight.labels(model).inc()
+                self.metrics.child(self.metrics.in_flight, model).inc()
                 tokenizer = self.gateway.tokenizer(model)
                 prepared = prepare(
                     req, tokenizer, max_context_tokens=self.gateway.max_context_tokens(model)
@@ -295,7 +295,9 @@ class GatewayApp:
                 )
                 progress.tenant = ticket.tenant_id
                 tenant = self.metrics.tenant_label(ticket.tenant_id)
-                self.metrics.prompt_tokens.labels(tenant, model).inc(len(prepared.prompt))
+                self.metrics.child(self.metrics.prompt_tokens, tenant, model).inc(
+                    len(prepared.prompt)
+                )
                 stream = self.gateway.stream(
                     request_id,
                     model,

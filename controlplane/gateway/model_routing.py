@@ -105,11 +105,17 @@ class ModelRoutingCache:
         self._factory = factory
         self._threshold_lookup = threshold_lookup
         self._cache: dict[_Key, ModelRouting] = {}
+        self._last: dict[str, tuple[ModelInfo, ModelRouting]] = {}
+        """model -> (the ModelInfo object last seen, its facts): the request path's fast
+        path (a deployment change replaces the ModelInfo object)."""
 
     def get(self, model: str) -> ModelRouting:
         info = self._lookup(model)
         if info is None:  # workers without a deployment record: nothing to predict with
             return ModelRouting()
+        last = self._last.get(model)
+        if last is not None and last[0] is info:
+            return last[1]
         key = (
             info.model,
             info.engine,
@@ -127,7 +133,9 @@ class ModelRoutingCache:
                 facts = ModelRouting()
             if len(self._cache) > 1024:  # deployments changing forever: start over
                 self._cache.clear()
+                self._last.clear()
             self._cache[key] = facts
+        self._last[model] = (info, facts)
         return facts
 
     def facts_for(self, model: str) -> DeploymentFacts:

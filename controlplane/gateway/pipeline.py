@@ -22,7 +22,9 @@ and the gRPC Inference service consume it unchanged. For one request:
    was evicted, or its prefill worker restarted: ``KvUnavailable``), the prompt is prefilled
    again **once** and decoded with the token already sent as ``first_token_id`` (the KV of a
    prompt does not depend on the token sampled after it, so nothing is sent twice).
-   **aggregated** (no prefill worker): ``Decode`` without a handle.
+   **aggregated** (no prefill worker): ``Decode`` without a handle; a one-token attempt
+   (``max_tokens`` 1) uses the unary ``DecodeUnary`` instead (half the gateway's gRPC CPU of
+   a stream; a worker without it answers UNIMPLEMENTED and gets the stream).
 3. **failures**: UNAVAILABLE (and the other transport codes: the stream broke, the worker died or
    is draining) count against the worker's circuit breaker and the request moves on, **excluding
    that worker**, as an aggregated request whose prompt is the original prompt + every token
@@ -221,6 +223,9 @@ class Gateway:
         self.clock = clock
         self._tokenizer_factory = tokenizer_factory
         self._tokenizers: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], Tokenizer] = {}
+        self._last_tokenizer: dict[str, tuple[ModelInfo, Tokenizer]] = {}
+        self._no_unary: set[str] = set()
+        """Worker endpoints that answered ``DecodeUnary`` with UNIMPLEMENTED."""
         self._background: set[asyncio.Task[None]] = set()
         self.decisions = DecisionLog()
         """Recent requests' routing decisions (``GET /debug/requests/{id}``)."""
@@ -230,6 +235,9 @@ class Gateway:
     def tokenizer(self, model: str) -> Tokenizer:
         """The model's tokenizer (NotFound for unknown models; built once per deployment)."""
         info = self.view.model_info(model)
+        last = self._last_tokenizer.get(model)
+        if last is not None and info is not None and last[0] is info:
+            return last[1]  # the fast path: the same deployment object as last time
         if info is None:
             if not self.view.records(model):
                 raise NotFound(f"model {model!r} is not served here")
@@ -240,6 +248,7 @@ class Gateway:
         if tok is None:
             tok = self._tokenizer_factory(info)
             self._tokenizers[key] = tok
+        self._last_tokenizer[model] = (info, tok)
         return tok
 
     def max_context_tokens(self, model: str) -> int:
@@ -364,8 +373,8 @@ class Gateway:
         deciding plugin, the prefix-cache hit of the worker that will prefill."""
         m = self.metrics
         remote = "remote" if route.prefill is not None else "local"
-        m.routes.labels(model, policy, remote).inc()
-        m.router_decision.labels(model, policy).observe(self.clock() - started)
+        m.child(m.routes, model, policy, remote).inc()
+        m.child(m.router_decision, model, policy).observe(self.clock() - started)
         decider = policy
         hit_tokens = 0
         if trace is not None and policy == "sla":
@@ -379,10 +388,10 @@ class Gateway:
             if prefiller is not None and prefiller.chosen is not None:
                 cached = prefiller.candidate(prefiller.chosen).cached_blocks
                 hit_tokens = min(prompt_tokens, cached * block_size)
-            m.prefix_query_tokens.labels(model).inc(prompt_tokens)
+            m.child(m.prefix_query_tokens, model).inc(prompt_tokens)
             if hit_tokens:
-                m.prefix_hit_tokens.labels(model).inc(hit_tokens)
-        m.router_reasons.labels(model, decider).inc()
+                m.child(m.prefix_hit_tokens, model).inc(hit_tokens)
+        m.child(m.router_reasons, model, decider).inc()
         if span is not None:
             span.set_attributes(
                 {
@@ -421,16 +430,16 @@ class Gateway:
             outcome = progress.timer.outcome(self.clock(), error=failed)
             reason = m.record_slo(tenant, model, sla.name, SloTargets.of(sla), outcome)
             if disconnected:
-                m.aborts.labels(model, "client_disconnect").inc()
+                m.child(m.aborts, model, "client_disconnect").inc()
             elif failed:
-                m.aborts.labels(model, "error").inc()
+                m.child(m.aborts, model, "error").inc()
         elif progress.rejected is not None:
             tenant, cls = progress.rejected.tenant, progress.rejected.sla_class
             reason = "shed"
-            m.slo_missed.labels(m.tenant_label(tenant), model, cls or UNKNOWN, reason).inc()
+            m.child(m.slo_missed, m.tenant_label(tenant), model, cls or UNKNOWN, reason).inc()
         elif disconnected:
-            m.aborts.labels(model, "client_disconnect").inc()
-        m.requests.labels(m.tenant_label(tenant), model, cls or UNKNOWN, route, status).inc()
+            m.child(m.aborts, model, "client_disconnect").inc()
+        m.child(m.requests, m.tenant_label(tenant), model, cls or UNKNOWN, route, status).inc()
         span = progress.span
         if span is not None:
             span.set_attributes(
@@ -442,7 +451,7 @@ class Gateway:
     def _failed(self, model: str, worker: WorkerSnapshot) -> None:
         if self.breakers.record_failure(worker.worker_id, self.clock()):
             log.warning("circuit open for worker %s", worker.worker_id)
-            self.metrics.circuit_opened.labels(worker.worker_id).inc()
+            self.metrics.child(self.metrics.circuit_opened, worker.worker_id).inc()
 
     # --- the stream -----------------------------------------------------------------------------
 
@@ -471,9 +480,9 @@ class Gateway:
         progress.sla_class = cls = self.sla_class(model, sla_class).name
         m = self.metrics
         tenant_label = m.tenant_label(tenant)
-        ttft = m.ttft.labels(tenant_label, model, cls)
-        itl = m.itl.labels(tenant_label, model, cls)
-        generated = m.generation_tokens.labels(tenant_label, model)
+        ttft = m.child(m.ttft, tenant_label, model, cls)
+        itl = m.child(m.itl, tenant_label, model, cls)
+        generated = m.child(m.generation_tokens, tenant_label, model)
         metadata = tracing.grpc_metadata(progress.span)  # None when tracing is off
         try:
             while True:
@@ -498,7 +507,11 @@ class Gateway:
                     attempt_id,
                     route,
                     attempt_prompt,
-                    dataclasses.replace(sampling, max_tokens=remaining),
+                    (
+                        sampling
+                        if remaining == sampling.max_tokens
+                        else dataclasses.replace(sampling, max_tokens=remaining)
+                    ),
                     model,
                     metadata,
                 )
@@ -548,12 +561,12 @@ class Gateway:
                         ) from None
                     if sent:
                         progress.migrations += 1
-                        self.metrics.migrations.labels(model).inc()
+                        self.metrics.child(self.metrics.migrations, model).inc()
                         log.warning(
                             "request %s: %s after %d tokens; migrating", request_id, e, len(sent)
                         )
                     else:
-                        self.metrics.retries.labels(model).inc()
+                        self.metrics.child(self.metrics.retries, model).inc()
                         log.warning("request %s: %s; retrying elsewhere", request_id, e)
                     exclude.add(e.worker_id)
                     aggregated = True
@@ -581,6 +594,11 @@ class Gateway:
             request = worker_pb2.DecodeRequest(
                 request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
             )
+            if sampling.max_tokens == 1 and decode.endpoint not in self._no_unary:
+                one = await self._decode_unary(decode, request, metadata)
+                if one is not None:
+                    yield one
+                    return
             async for chunk in self._decode(decode, request, metadata):
                 yield chunk
             return
@@ -610,7 +628,7 @@ class Gateway:
                         if again:
                             raise
                         log.info("request %s: %s; prefilling again", request_id, e)
-                        self.metrics.reprefills.labels(model).inc()
+                        self.metrics.child(self.metrics.reprefills, model).inc()
                         res = await self._prefill(
                             prefill, request_id, prompt, sampling_pb, metadata
                         )
@@ -639,7 +657,7 @@ class Gateway:
     ) -> worker_pb2.PrefillResponse:
         stub = self.view.channels.stub(worker.endpoint)
         self.breakers.acquire(worker.worker_id, self.clock())
-        with self.view.in_flight(worker.worker_id):
+        with self.view.in_flight(worker.worker_id, prefill_tokens=len(prompt)):
             try:
                 res = await stub.Prefill(
                     worker_pb2.PrefillRequest(
@@ -666,12 +684,15 @@ class Gateway:
         self.breakers.acquire(worker.worker_id, self.clock())
         finished = False
         succeeded = False
-        with self.view.in_flight(worker.worker_id):
+        # no KV handed over: the decode worker prefills the prompt itself first
+        local_prefill = 0 if request.HasField("kv") else len(request.prompt_token_ids)
+        with self.view.in_flight(worker.worker_id, prefill_tokens=local_prefill) as pending:
             call = stub.Decode(request, timeout=self.decode_timeout_s, metadata=metadata)
             try:
                 async for msg in call:
                     if not succeeded:
                         succeeded = True
+                        pending.done()
                         self.breakers.record_success(worker.worker_id)
                     finished = bool(msg.finish_reason)
                     yield TokenChunk(tuple(msg.token_ids), msg.finish_reason or None)
@@ -684,6 +705,36 @@ class Gateway:
                 if not finished:  # the consumer stopped early: free the worker's KV
                     call.cancel()
                     self._abort_later(worker, request.request_id)
+
+    async def _decode_unary(
+        self,
+        worker: WorkerSnapshot,
+        request: worker_pb2.DecodeRequest,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> TokenChunk | None:
+        """A one-token decode as one unary ``DecodeUnary`` call (about half the gateway CPU of
+        a ``Decode`` stream); None when the worker does not have it (UNIMPLEMENTED: an older
+        worker; ``_no_unary`` remembers its endpoint and the caller streams instead)."""
+        stub = self.view.channels.stub(worker.endpoint)
+        self.breakers.acquire(worker.worker_id, self.clock())
+        local_prefill = 0 if request.HasField("kv") else len(request.prompt_token_ids)
+        with self.view.in_flight(worker.worker_id, prefill_tokens=local_prefill):
+            try:
+                msg = await stub.DecodeUnary(
+                    request, timeout=self.decode_timeout_s, metadata=metadata
+                )
+            except asyncio.CancelledError:
+                self._abort_later(worker, request.request_id)
+                raise
+            except grpc.aio.AioRpcError as e:
+                if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._no_unary.add(worker.endpoint)
+                    return None
+                raise _translate(e, worker.worker_id) from None
+        self.breakers.record_success(worker.worker_id)
+        if not msg.finish_reason:
+            raise WorkerFailed(worker.worker_id, "DecodeUnary answered without a finish reason")
+        return TokenChunk(tuple(msg.token_ids), msg.finish_reason)
 
     def _abort_later(self, worker: WorkerSnapshot, request_id: str) -> None:
         """Send Abort without waiting (also from a cancelled task)."""

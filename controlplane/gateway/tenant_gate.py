@@ -176,7 +176,7 @@ class TenantGate:
         assert isinstance(outcome, Queued)
         if self.metrics is not None:
             t = self.metrics.tenant_label(tenant.name)
-            self.metrics.admission_queued.labels(t, ctx.model, sla).inc()
+            self.metrics.child(self.metrics.admission_queued, t, ctx.model, sla).inc()
         if outcome.evicted is not None:
             self._reject_waiter(outcome.evicted)
         future: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
@@ -198,13 +198,17 @@ class TenantGate:
     def _queue_wait(self, model: str, admitted: Admitted) -> None:
         assert self.metrics is not None
         t = self.metrics.tenant_label(admitted.tenant)
-        self.metrics.queue_wait.labels(t, model, admitted.sla_class).observe(admitted.queued_s)
+        self.metrics.child(self.metrics.queue_wait, t, model, admitted.sla_class).observe(
+            admitted.queued_s
+        )
 
     def _rejected(self, model: str, r: Rejected) -> RateLimited:
         """The error for a rejection, counted (``switchboard_admission_rejected_total``)."""
         if self.metrics is not None:
             t = self.metrics.tenant_label(r.tenant)
-            self.metrics.admission_rejected.labels(t, model, r.sla_class, r.reason.value).inc()
+            self.metrics.child(
+                self.metrics.admission_rejected, t, model, r.sla_class, r.reason.value
+            ).inc()
         retry = r.retry_after_s if r.retry_after_s is not None else 0.0
         return RateLimited(
             f"{r.reason.value}: {r.message}",
@@ -244,7 +248,7 @@ class TenantGate:
         if self.metrics is not None:  # also refreshed by ``run`` every expire_interval_s
             by_class = ctl.stats().queued_by_class
             for name in ctl.classes:
-                self.metrics.queue_depth.labels(model, name).set(by_class.get(name, 0))
+                self.metrics.child(self.metrics.queue_depth, model, name).set(by_class.get(name, 0))
 
     def _reject_waiter(self, rejected: Rejected) -> None:
         waiter = self._waiting.pop(rejected.request_id, None)

@@ -124,6 +124,10 @@ class PendingPrefill:
             self._tokens = 0
 
 
+_NO_LOAD = LoadReport()
+"""The load of a worker that has not reported yet (shared; never changed)."""
+
+
 class WorkerChannels:
     """One gRPC channel (and one stub on it) per worker endpoint, created on first use."""
 
@@ -193,6 +197,9 @@ class WorkersView:
         self.stats_down: set[str] = set()
         self.inflight: dict[str, int] = {}
         self.pending_prefill: dict[str, int] = {}
+        self._snapshot_cache: dict[
+            str, tuple[WorkerRecord, LoadReport, tuple[int, int, bool, bool], WorkerSnapshot]
+        ] = {}
         """Prompt tokens sent to each worker to prefill whose first token is not back."""
         self._stats_tasks: dict[str, asyncio.Task[None]] = {}
         self.synced = asyncio.Event()
@@ -222,33 +229,50 @@ class WorkersView:
         return min(sizes, default=0)
 
     def snapshots(self, model: str, circuit_allows: Callable[[str], bool]) -> list[WorkerSnapshot]:
+        """The model's workers as the routers see them now. A worker whose record and last
+        report (the objects: both are replaced, never changed in place), in-flight count,
+        pending prefill, circuit and stream state are those of its previous snapshot gets
+        that snapshot object again (no rebuild per request)."""
         out = []
+        cache = self._snapshot_cache
         for r in self.records(model):
-            load = self.loads.get(r.worker_id) or LoadReport()
-            out.append(
-                WorkerSnapshot(
-                    worker_id=r.worker_id,
-                    endpoint=r.endpoint,
-                    role=r.role,
-                    serving=r.state is WorkerState.SERVING
-                    and not load.draining
-                    and r.worker_id not in self.stats_down,
-                    running=load.running,
-                    waiting=load.waiting,
-                    inflight_here=self.inflight.get(r.worker_id, 0),
-                    pending_prefill_tokens=self.pending_prefill.get(r.worker_id, 0),
-                    kv_blocks_used=load.kv_blocks_used,
-                    kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
-                    circuit_allows=circuit_allows(r.worker_id),
-                    max_context_tokens=r.max_context_tokens,
-                    pool=r.pool,
-                    chunked_prefill=r.chunked_prefill,
-                    batch_size=load.running,
-                    batch_context_tokens=load.batch_context_tokens,
-                    queued_prefill_tokens=load.queued_prefill_tokens,
-                    dp_rank_running=load.dp_rank_running,
-                )
+            wid = r.worker_id
+            load = self.loads.get(wid) or _NO_LOAD
+            key = (
+                self.inflight.get(wid, 0),
+                self.pending_prefill.get(wid, 0),
+                circuit_allows(wid),
+                wid in self.stats_down,
             )
+            hit = cache.get(wid)
+            if hit is not None and hit[0] is r and hit[1] is load and hit[2] == key:
+                out.append(hit[3])
+                continue
+            inflight, pending, allows, down = key
+            snap = WorkerSnapshot(
+                worker_id=wid,
+                endpoint=r.endpoint,
+                role=r.role,
+                serving=r.state is WorkerState.SERVING and not load.draining and not down,
+                running=load.running,
+                waiting=load.waiting,
+                inflight_here=inflight,
+                pending_prefill_tokens=pending,
+                kv_blocks_used=load.kv_blocks_used,
+                kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
+                circuit_allows=allows,
+                max_context_tokens=r.max_context_tokens,
+                pool=r.pool,
+                chunked_prefill=r.chunked_prefill,
+                batch_size=load.running,
+                batch_context_tokens=load.batch_context_tokens,
+                queued_prefill_tokens=load.queued_prefill_tokens,
+                dp_rank_running=load.dp_rank_running,
+            )
+            if len(cache) > 4 * max(64, len(self._records)):  # workers come and go: start over
+                cache.clear()
+            cache[wid] = (r, load, key, snap)
+            out.append(snap)
         return out
 
     def long_context_threshold_tokens(self, model: str) -> int:

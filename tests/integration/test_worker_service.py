@@ -184,3 +184,24 @@ async def test_watch_stats_pushes_reports(worker: tuple[FakeEngine, Served]) -> 
         assert reports[0].kv_blocks_total == 64
     finally:
         publisher.cancel()
+
+
+async def test_decode_unary_answers_what_the_stream_would(
+    worker: tuple[FakeEngine, Served],
+) -> None:
+    _, served = worker
+    for max_tokens in (1, 3):
+        req = worker_pb2.DecodeRequest(
+            request_id=f"u{max_tokens}", prompt_token_ids=[5, 6], sampling=sampling(max_tokens)
+        )
+        chunks = [c async for c in served.stub.Decode(req)]
+        one = await served.stub.DecodeUnary(req)
+        assert list(one.token_ids) == [t for c in chunks for t in c.token_ids]
+        assert one.finish_reason == chunks[-1].finish_reason == "length"
+        assert one.usage == chunks[-1].usage
+        assert one.usage.completion_tokens == max_tokens
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await served.stub.DecodeUnary(
+            worker_pb2.DecodeRequest(request_id="", prompt_token_ids=[1], sampling=sampling(1))
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -48,7 +48,7 @@ def test_v1_services_are_defined() -> None:
     }  # fmt: skip
     assert methods(inference_pb2, "Inference") == {"Generate", "ListModels"}
     assert methods(worker_pb2, "Worker") == {
-        "Prefill", "Decode", "FetchKv", "Abort", "Stats", "WatchStats",
+        "Prefill", "Decode", "DecodeUnary", "FetchKv", "Abort", "Stats", "WatchStats",
     }  # fmt: skip
     assert methods(control_plane_pb2, "ControlPlane") == {"GetStatus"}
     gen = nodes_pb2.DESCRIPTOR.services_by_name["NodeRegistry"].methods_by_name["WatchNodes"]

@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=switchboard_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
                 _registered_method=True)
+        self.DecodeUnary = channel.unary_unary(
+                '/switchboard.v1.Worker/DecodeUnary',
+                request_serializer=switchboard_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+                _registered_method=True)
         self.FetchKv = channel.unary_stream(
                 '/switchboard.v1.Worker/FetchKv',
                 request_serializer=switchboard_dot_v1_dot_worker__pb2.FetchKvRequest.SerializeToString,
@@ -77,6 +82,15 @@ class WorkerServicer:
 
     def Decode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecodeUnary(self, request, context):
+        """Decode as one answer: every token of the request in one DecodeChunk (finish_reason and
+        usage set). For short answers (max_tokens 1) a unary call costs the caller about half
+        the CPU of a stream; the gateway uses it then, and falls back to Decode on UNIMPLEMENTED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -117,6 +131,11 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
+                    request_deserializer=switchboard_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
+            ),
+            'DecodeUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecodeUnary,
                     request_deserializer=switchboard_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
             ),
@@ -193,6 +212,33 @@ class Worker:
             request,
             target,
             '/switchboard.v1.Worker/Decode',
+            switchboard_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+            switchboard_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Worker/DecodeUnary',
             switchboard_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             switchboard_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
             options,

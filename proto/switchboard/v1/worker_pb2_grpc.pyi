@@ -37,6 +37,11 @@ class WorkerStub:
     def __new__(cls, channel: _aio.Channel) -> WorkerAsyncStub: ...
     Prefill: _grpc.UnaryUnaryMultiCallable[_worker_pb2.PrefillRequest, _worker_pb2.PrefillResponse]
     Decode: _grpc.UnaryStreamMultiCallable[_worker_pb2.DecodeRequest, _worker_pb2.DecodeChunk]
+    DecodeUnary: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DecodeRequest, _worker_pb2.DecodeChunk]
+    """Decode as one answer: every token of the request in one DecodeChunk (finish_reason and
+    usage set). For short answers (max_tokens 1) a unary call costs the caller about half
+    the CPU of a stream; the gateway uses it then, and falls back to Decode on UNIMPLEMENTED.
+    """
     FetchKv: _grpc.UnaryStreamMultiCallable[_worker_pb2.FetchKvRequest, _worker_pb2.KvChunk]
     Abort: _grpc.UnaryUnaryMultiCallable[_worker_pb2.AbortRequest, _worker_pb2.AbortResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.WorkerStats]
@@ -50,6 +55,11 @@ class WorkerAsyncStub(WorkerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Prefill: _aio.UnaryUnaryMultiCallable[_worker_pb2.PrefillRequest, _worker_pb2.PrefillResponse]  # type: ignore[assignment]
     Decode: _aio.UnaryStreamMultiCallable[_worker_pb2.DecodeRequest, _worker_pb2.DecodeChunk]  # type: ignore[assignment]
+    DecodeUnary: _aio.UnaryUnaryMultiCallable[_worker_pb2.DecodeRequest, _worker_pb2.DecodeChunk]  # type: ignore[assignment]
+    """Decode as one answer: every token of the request in one DecodeChunk (finish_reason and
+    usage set). For short answers (max_tokens 1) a unary call costs the caller about half
+    the CPU of a stream; the gateway uses it then, and falls back to Decode on UNIMPLEMENTED.
+    """
     FetchKv: _aio.UnaryStreamMultiCallable[_worker_pb2.FetchKvRequest, _worker_pb2.KvChunk]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_worker_pb2.AbortRequest, _worker_pb2.AbortResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.WorkerStats]  # type: ignore[assignment]
@@ -72,6 +82,17 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.DecodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.DecodeChunk], _abc.AsyncIterator[_worker_pb2.DecodeChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def DecodeUnary(
+        self,
+        request: _worker_pb2.DecodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.DecodeChunk, _abc.Awaitable[_worker_pb2.DecodeChunk]]:
+        """Decode as one answer: every token of the request in one DecodeChunk (finish_reason and
+        usage set). For short answers (max_tokens 1) a unary call costs the caller about half
+        the CPU of a stream; the gateway uses it then, and falls back to Decode on UNIMPLEMENTED.
+        """
 
     @_abc_1.abstractmethod
     def FetchKv(
