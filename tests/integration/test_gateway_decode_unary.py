@@ -103,4 +103,3 @@ async def test_one_token_requests_use_decode_unary_or_fall_back(
         assert service.calls == ["unary", "unary", "stream"]
         assert not gw._no_unary
     assert not engine.aborted  # nothing was cut off on the way
-

@@ -151,7 +151,12 @@ def test_scorers_stay_in_range_and_move_the_right_way(
 ) -> None:
     candidates = [knob(v) for v in values]
     scores = list(scorer.score(req, candidates, DEC))
-    assert all(0.0 <= s <= 1.0 for s in scores), scores
+    # the latency headroom scorers go below 0 (to -1) only for a predicted target miss
+    targets = {"TtftHeadroom": req.ttft_target_ms, "ItlHeadroom": req.itl_target_ms}
+    target = targets.get(scorer.name)
+    lows = [-1.0 if target is not None and v > target else 0.0 for v in values]
+    assert all(lo <= s <= 1.0 for lo, s in zip(lows, scores, strict=True)), scores
+    assert all(s >= 0 for lo, s in zip(lows, scores, strict=True) if lo == 0.0), scores
     pairs = list(itertools.pairwise(scores))
     if direction > 0:
         assert all(a <= b for a, b in pairs), scores
@@ -163,7 +168,8 @@ def test_scorers_stay_in_range_and_move_the_right_way(
 @pytest.mark.parametrize(
     ("predicted", "target", "expected"),
     [
-        ([0.0, 250.0, 500.0, 900.0], 500.0, [1.0, 0.5, 0.0, 0.0]),  # 0 at and over target
+        ([0.0, 250.0, 500.0], 500.0, [1.0, 0.5, 0.0]),  # 0 at the target
+        ([1000.0, 2000.0, 5000.0], 500.0, [-0.5, -0.75, -0.9]),  # past it: worse, more so
         ([100.0, 200.0, 400.0], None, [1.0, 0.5, 0.25]),  # no target: against the fastest
         ([0.0, 10.0], None, [1.0, 0.0]),
     ],

@@ -148,6 +148,44 @@ def test_remote_prefill_is_refused_when_it_would_miss_a_target_local_meets() -> 
     assert "would miss the 500 ms target" in d.trace.disaggregation.reason
 
 
+@pytest.mark.parametrize(
+    ("prefill_queue", "remote", "why"),
+    [
+        # d1's own queue (~10 x 4k prompts from this router, ~1.3 s) misses 500 ms: idle p1 takes it
+        (0, True, "misses the 500 ms target"),
+        # p1's queue is longer still: local stays, with the reason
+        (80_000, False, "is no sooner"),
+    ],
+)
+def test_a_local_prefill_that_would_miss_ttft_moves_to_a_sooner_prefill_worker(
+    prefill_queue: int, remote: bool, why: str
+) -> None:
+    # a short prompt on an idle-batch decode worker would stay local (rule c): its queue decides
+    d1 = worker("d1", pending_prefill_tokens=40_000)
+    p1 = worker("p1", "prefill", waiting=20 if prefill_queue else 0,
+                queued_prefill_tokens=prefill_queue)  # fmt: skip
+    d = decide(SlaAwareRouter(), request(256), [d1, p1])
+    assert ids(d) == (("p1" if remote else None), "d1")
+    verdict = d.trace.disaggregation
+    assert verdict is not None and verdict.remote is remote
+    assert why in verdict.reason and "decode batch empty" in verdict.reason
+    without_queue = decide(SlaAwareRouter(), request(256), [worker("d1"), p1])
+    assert ids(without_queue) == (None, "d1")  # the same prompt with no queue stays local
+
+
+def test_past_the_target_a_smaller_miss_still_beats_a_bigger_one() -> None:
+    # both decode workers would miss the TTFT target; the shorter queue wins every seed
+    workers = [
+        worker("d-long", pending_prefill_tokens=120_000),
+        worker("d-short", pending_prefill_tokens=40_000),
+    ]
+    for seed in range(8):
+        d = decide(SlaAwareRouter(), request(512), workers, seed, aggregated=True)
+        assert d.decode.worker_id == "d-short"
+        scores = {c.worker_id: c.scores["TtftHeadroom"] for c in d.trace.decode.candidates}
+        assert scores["d-long"] < scores["d-short"] < 0
+
+
 # --- TTFT prediction decides the prefill worker ----------------------------------------------
 
 

@@ -6,7 +6,8 @@ A routing run takes one ``RouteRequest`` and a snapshot of the model's workers
 stage. In each stage the workers go through the profile's ``Filter`` s (each can say *why* it
 dropped a worker), the survivors become ``Candidate`` s carrying the predictions every scorer
 reads (cached prefix, predicted TTFT and ITL, from the worker's ``TimingModel``), each
-``Scorer`` rates them in [0, 1], the weighted mean is the candidate's score, and the ``Picker``
+``Scorer`` rates them in [0, 1] (the latency scorers go below 0, to -1, for a predicted
+target miss), the weighted mean is the candidate's score, and the ``Picker``
 chooses (ties broken by an injected ``random.Random``). ``router.py`` runs the pipeline;
 ``plugins.py`` holds the stock plugins; ``predict.py`` the timing arithmetic; ``index.py`` the
 prefix index.
@@ -283,7 +284,8 @@ class Filter(Protocol):
 
 
 class Scorer(Protocol):
-    """Rates the candidates of a stage: one value in [0, 1] each, higher better, in order."""
+    """Rates the candidates of a stage: one value in [0, 1] each (below 0, down to -1, only for
+    a predicted SLA miss), higher better, in order."""
 
     name: str
 
@@ -312,7 +314,8 @@ class WeightedScorer:
 @dataclass(frozen=True, slots=True)
 class RoutingProfile:
     """Which plugins run in a stage, with what weights. A candidate's score is the weighted
-    mean of its scorers' values, so it stays in [0, 1]."""
+    mean of its scorers' values, so it stays in [-1, 1] (below 0 only with a predicted
+    miss)."""
 
     name: str
     filters: tuple[Filter, ...]
@@ -426,6 +429,8 @@ class DisaggregationVerdict:
     """ITL target minus the decode worker's predicted step: room a local prefill may take."""
     transfer_ms: float = 0.0
     """Predicted KV transfer time of the prompt's cache from a prefill worker."""
+    local_ttft_miss: bool = False
+    """The decode worker's own predicted TTFT misses the request's target (rule (b))."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ Filters (each rejection says why, without the worker id; the pipeline prefixes i
                            prefills in chunks (not stalling their decode batch).
 * ``KvHeadroomFilter``     enough free KV blocks for what the worker would hold.
 
-Scorers (each in [0, 1], higher better):
+Scorers (each in [0, 1], higher better; the TTFT / ITL headroom scorers fall below 0, to -1,
+for a predicted miss, so an overloaded fleet still ranks its workers):
 
 * ``TtftScorer``           predicted TTFT against the class's target.
 * ``ItlScorer``            predicted ITL on the decode candidate against the class's target.
@@ -240,13 +241,19 @@ class KvHeadroomFilter:
 
 
 def headroom(predicted_ms: Sequence[float], target_ms: float | None) -> list[float]:
-    """``1 - predicted / target`` clamped to [0, 1]: 1 at no latency, 0 at or over the target.
+    """``1 - predicted / target`` within the target: 1 at no latency, 0 at the target. Past
+    it, ``target / predicted - 1``: negative, towards -1 as the miss grows, so under overload
+    a worker that misses by less still scores above one that misses by more (a flat 0 there
+    would leave the choice to the other scorers, whatever the queue).
 
     With no target (a batch class) the candidates are rated against the fastest one:
     ``fastest / predicted`` (1 for the fastest; a zero prediction is 1).
     """
     if target_ms is not None:
-        return [min(1.0, max(0.0, 1.0 - p / target_ms)) for p in predicted_ms]
+        return [
+            min(1.0, 1.0 - p / target_ms) if p <= target_ms else target_ms / p - 1.0
+            for p in predicted_ms
+        ]
     fastest = min(predicted_ms, default=0.0)
     return [1.0 if p <= 0 else fastest / p for p in predicted_ms]
 

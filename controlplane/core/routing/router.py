@@ -23,18 +23,23 @@ in order (the first that fails keeps it local, and the trace says which):
 
 a. the caller did not ask for an aggregated route, and the model has a prefill worker (for a
    decode worker of the long-context pool: the pool has one);
-b. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill delays no one;
-c. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` (the
+b. ``D``'s own predicted TTFT (its prefill queue, then this prompt) misses the request's TTFT
+   target, or (c)-(e) all hold. A miss overrides (c)-(e), leaving (f) and (g) to decide: a
+   sooner prefill worker takes the prompt instead of a queue on ``D``, so a burst spreads
+   over the prefill pool too rather than waiting behind the decode workers' local prefills;
+c. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill delays no one;
+d. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` (the
    request's class target; no target, no slack): a prefill that fits would keep even a step
    carrying all of it under the target. Short prompts, and long ones mostly cached on ``D``,
    stop here;
-d. the interference exceeds the transfer: the hand-off must cost less than what it saves;
-e. some prefill worker passes the prefill stage's filters;
-f. the remote prefill would not miss a TTFT target that the local one meets (``P``'s
-   predicted TTFT, with the transfer, against ``D``'s local one).
+e. the interference exceeds the transfer: the hand-off must cost less than what it saves;
+f. some prefill worker passes the prefill stage's filters;
+g. the remote prefill would not miss a TTFT target that the local one meets (``P``'s
+   predicted TTFT, with the transfer, against ``D``'s local one); after (b) sent it here
+   (the local one misses), the remote one must be sooner than the local one.
 
 With ``llama-3.1-8b-h100`` and the interactive class (ITL 50 ms) beside a batch of 16 at 1k
-context, (c) keeps prompts up to about 1.3k uncached tokens local.
+context, (d) keeps prompts up to about 1.3k uncached tokens local.
 
 **Long context**: with a threshold (the deployment's, ``DeploymentFacts``), a prompt at or
 above it goes only to workers of the ``long_context`` pool whenever the pool has a usable
@@ -54,6 +59,7 @@ broken by the injected ``rng``, so a seeded ``random.Random`` reproduces every d
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -279,8 +285,8 @@ def local_prefill_verdict(
     has_prefill: bool,
     pool_has_prefill: bool = False,
 ) -> DisaggregationVerdict:
-    """Rules (a)-(d) of the module docstring: ``remote=False`` keeps the prefill on ``decode``;
-    ``remote=True`` means only that a remote prefill may be worth it (rules (e), (f) follow).
+    """Rules (a)-(e) of the module docstring: ``remote=False`` keeps the prefill on ``decode``;
+    ``remote=True`` means only that a remote prefill may be worth it (rules (f), (g) follow).
     A ``decode`` worker of the long-context pool prefills its own prompts unless the pool has
     prefill workers (``pool_has_prefill``): a long prompt must not queue on the base pool's."""
     if aggregated:
@@ -294,26 +300,33 @@ def local_prefill_verdict(
     transfer = predict.transfer_ms(request, w)
     target = request.itl_target_ms
     slack = 0.0 if target is None else target - decode.itl_ms
-    numbers = {"interference_ms": interference, "itl_slack_ms": slack, "transfer_ms": transfer}
+    numbers = DisaggregationVerdict(False, "", interference, slack, transfer)
     if w.batch_size <= 0:
-        return DisaggregationVerdict(False, "decode batch empty: delays no one", **numbers)
-    if interference <= slack:
-        return DisaggregationVerdict(
-            False,
+        local = "decode batch empty: delays no one"
+    elif interference <= slack:
+        local = (
             f"prefill {interference:.1f} ms fits the ITL slack {slack:.1f} ms "
-            f"({decode.cached_blocks} blocks cached on {w.worker_id})",
-            **numbers,
+            f"({decode.cached_blocks} blocks cached on {w.worker_id})"
         )
-    if interference <= transfer:
-        return DisaggregationVerdict(
-            False, f"prefill {interference:.1f} ms <= KV transfer {transfer:.1f} ms", **numbers
+    elif interference <= transfer:
+        local = f"prefill {interference:.1f} ms <= KV transfer {transfer:.1f} ms"
+    else:
+        return dataclasses.replace(
+            numbers,
+            remote=True,
+            reason=f"prefill {interference:.1f} ms > ITL slack {slack:.1f} ms and "
+            f"> KV transfer {transfer:.1f} ms",
         )
-    return DisaggregationVerdict(
-        True,
-        f"prefill {interference:.1f} ms > ITL slack {slack:.1f} ms and "
-        f"> KV transfer {transfer:.1f} ms",
-        **numbers,
-    )
+    ttft_target = request.ttft_target_ms
+    if ttft_target is not None and decode.ttft_ms > ttft_target:  # rule (b)
+        return dataclasses.replace(
+            numbers,
+            remote=True,
+            reason=f"{local}, but local TTFT {decode.ttft_ms:.1f} ms on {w.worker_id} misses "
+            f"the {ttft_target:.0f} ms target",
+            local_ttft_miss=True,
+        )
+    return dataclasses.replace(numbers, reason=local)
 
 
 def remote_prefill_verdict(
@@ -322,22 +335,24 @@ def remote_prefill_verdict(
     prefill: Candidate | None,
     verdict: DisaggregationVerdict,
 ) -> DisaggregationVerdict:
-    """Rules (e) and (f) on top of a ``remote=True`` verdict from ``local_prefill_verdict``."""
-    numbers = {
-        "interference_ms": verdict.interference_ms,
-        "itl_slack_ms": verdict.itl_slack_ms,
-        "transfer_ms": verdict.transfer_ms,
-    }
+    """Rules (f) and (g) on top of a ``remote=True`` verdict from ``local_prefill_verdict``."""
     if prefill is None:
-        return DisaggregationVerdict(False, "no prefill worker can take it", **numbers)
+        return dataclasses.replace(verdict, remote=False, reason="no prefill worker can take it")
     target = request.ttft_target_ms
-    if target is not None and prefill.ttft_ms > target >= decode.ttft_ms:
-        return DisaggregationVerdict(
-            False,
-            f"remote TTFT {prefill.ttft_ms:.1f} ms on {prefill.worker_id} would miss the "
-            f"{target:.0f} ms target; local {decode.ttft_ms:.1f} ms meets it",
-            **numbers,
+    if verdict.local_ttft_miss and prefill.ttft_ms >= decode.ttft_ms:
+        return dataclasses.replace(
+            verdict,
+            remote=False,
+            reason=f"{verdict.reason}, but remote TTFT {prefill.ttft_ms:.1f} ms on "
+            f"{prefill.worker_id} is no sooner",
         )
-    return DisaggregationVerdict(
-        True, f"{verdict.reason}; remote TTFT {prefill.ttft_ms:.1f} ms", **numbers
+    if target is not None and prefill.ttft_ms > target >= decode.ttft_ms:
+        return dataclasses.replace(
+            verdict,
+            remote=False,
+            reason=f"remote TTFT {prefill.ttft_ms:.1f} ms on {prefill.worker_id} would miss "
+            f"the {target:.0f} ms target; local {decode.ttft_ms:.1f} ms meets it",
+        )
+    return dataclasses.replace(
+        verdict, reason=f"{verdict.reason}; remote TTFT {prefill.ttft_ms:.1f} ms"
     )
