@@ -287,6 +287,8 @@ class FakeTrtllmRequest:
             return
         for step, token in enumerate(todo):
             await asyncio.sleep(0)
+            if step == 0 and self.llm.first_gate is not None:
+                await self.llm.first_gate.wait()
             if step > 0 and self.llm.gate is not None:
                 await self.llm.gate.wait()
             if self.aborted:
@@ -347,7 +349,8 @@ class FakeIterationResult:
 class FakeTrtllmLLM:
     """Stands in for ``tensorrt_llm.LLM``: records calls, scripts outputs, stats and failures.
 
-    ``gate`` (when set) must be opened before any request makes its second step;
+    ``gate`` (when set) must be opened before any request makes its second step,
+    ``first_gate`` before its first (a prompt still being prefilled);
     ``fail_submit`` is raised by ``generate_async``; ``fail_stream_after`` makes every request
     fail after that many steps; ``overshoot`` makes requests run past ``max_tokens``;
     ``eos_token_id`` ends a request with "stop" (the token itself is not output).
@@ -362,6 +365,7 @@ class FakeTrtllmLLM:
         self.stats_records: list[Any] = []
         self.kv_event_records: list[Any] = []
         self.gate: asyncio.Event | None = None
+        self.first_gate: asyncio.Event | None = None
         self.fail_submit: Exception | None = None
         self.fail_stream_after: int | None = None
         self.overshoot = 0

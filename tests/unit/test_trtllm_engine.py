@@ -520,7 +520,7 @@ async def test_stats_are_polled_while_busy_and_cheap_to_read() -> None:
     llm.gate = asyncio.Event()
     clock = FakeClock(100.0)
     engine = make_engine(llm, clock=clock)
-    assert engine.stats() == EngineStats()
+    assert engine.stats() == EngineStats(queued_prefill_tokens=0)
 
     stream = engine.generate("r1", PROMPT, GREEDY)
     await anext(stream)  # one token out
@@ -767,3 +767,31 @@ def test_build_translates_llm_start_failures(
     settings = WorkerSettings(engine="trtllm", model_path=str(tmp_path))
     with pytest.raises(expected_type, match=str(error)):
         build_trtllm_engine(settings, "10.0.0.7:7001", None, api=fake_api({}, error))
+
+
+async def test_queued_prefill_tokens_count_prompts_until_their_first_output() -> None:
+    llm = FakeTrtllmLLM(VOCAB)
+    llm.first_gate = asyncio.Event()
+    prefill, decode = make_engine(llm), make_engine(llm)
+    ctx = asyncio.create_task(prefill.prefill("r1", PROMPT, GREEDY))
+    longer = (*PROMPT, *PROMPT)
+    agg = prefill.generate("r2", longer, GREEDY)
+    first = asyncio.create_task(anext(agg))
+    while len(llm.calls) < 2:
+        await asyncio.sleep(0)
+    assert prefill.stats().queued_prefill_tokens == len(PROMPT) + len(longer)
+    llm.first_gate.set()
+    res = await ctx
+    await first
+    assert prefill.stats().queued_prefill_tokens == 0  # first outputs back
+    await collect(agg)
+    # a generation-only request loads the context worker's KV: nothing to prefill
+    llm.first_gate = asyncio.Event()
+    stream = decode.decode("r1", PROMPT, res.first_token_id, res.kv, GREEDY)
+    step = asyncio.create_task(anext(stream))
+    while len(llm.calls) < 3:
+        await asyncio.sleep(0)
+    assert decode.stats().queued_prefill_tokens == 0
+    llm.first_gate.set()
+    await step
+    await collect(stream)

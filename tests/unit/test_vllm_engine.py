@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +17,15 @@ from controlplane.errors import (
     NotFound,
     Unavailable,
 )
-from workers.engine import EngineStats, KvEvent, KvEventKind, KvUnavailable, Role, SamplingParams
+from workers.engine import (
+    EngineStats,
+    KvEvent,
+    KvEventKind,
+    KvUnavailable,
+    Role,
+    SamplingParams,
+    TokenChunk,
+)
 from workers.engines.vllm import (
     VllmEngine,
     VllmEngineConfig,
@@ -639,3 +647,42 @@ async def test_stats_and_events_and_close() -> None:
     assert events.closed and llm.shut_down
     assert eng.drain_kv_events() == []
     assert json.loads(json.dumps(eng.config.__dict__))["model"] == "m"
+
+
+async def test_queued_prefill_tokens_count_prompts_until_their_first_output() -> None:
+    llm = FakeAsyncLlm(greedy, kv_transfer_params=NIXL_PARAMS, step_delay_s=0.05)
+    eng = engine(llm)
+    assert eng.stats().queued_prefill_tokens == 0
+    first = asyncio.create_task(eng.prefill("p1", PROMPT, SamplingParams(max_tokens=3)))
+    long_prompt = tuple(range(1, 21))
+    second = asyncio.create_task(eng.prefill("p2", long_prompt, SamplingParams(max_tokens=3)))
+    await asyncio.sleep(0.01)  # both submitted, no output yet
+    assert eng.stats().queued_prefill_tokens == len(PROMPT) + len(long_prompt)
+    res = await first
+    await second
+    assert eng.stats().queued_prefill_tokens == 0  # first tokens back
+
+    # a decode that loads its KV over the connector prefills nothing here
+    decode = cast(
+        AsyncGenerator[TokenChunk, None],
+        eng.decode("p1", PROMPT, res.first_token_id, res.kv, SamplingParams(max_tokens=4)),
+    )
+    chunk = await anext(decode)
+    assert chunk.token_ids == (101,)
+    assert eng.stats().queued_prefill_tokens == 0
+    await decode.aclose()
+    # an aggregated request counts until its first chunk; an abort before it clears it too
+    gen = cast(
+        AsyncGenerator[TokenChunk, None],
+        eng.generate("g1", long_prompt, SamplingParams(max_tokens=4)),
+    )
+
+    async def first_chunk() -> TokenChunk:
+        return await anext(gen)
+
+    pending = asyncio.create_task(first_chunk())
+    await asyncio.sleep(0.01)
+    assert eng.stats().queued_prefill_tokens == len(long_prompt)
+    await pending
+    assert eng.stats().queued_prefill_tokens == 0
+    await gen.aclose()

@@ -475,6 +475,8 @@ class _Flight:
     handle: TrtllmRequest | None = None
     pump: asyncio.Task[None] | None = None
     aborted: bool = False
+    unprefilled: int = 0
+    """Prompt tokens this engine computes for the request, until its first output."""
 
 
 class TrtllmEngine:
@@ -652,8 +654,15 @@ class TrtllmEngine:
         )
 
     def stats(self) -> EngineStats:
+        """The newest iteration record, plus ``queued_prefill_tokens``: the prompts this
+        engine computes whose first output is not back (an upper bound: prefix-cache hits
+        and computed chunks included), which the router's TTFT prediction reads."""
         self._ensure_poller()
-        s = replace(self._stats, tokens_per_second=self._tokens_per_second)
+        s = replace(
+            self._stats,
+            tokens_per_second=self._tokens_per_second,
+            queued_prefill_tokens=sum(f.unprefilled for f in self._flights.values()),
+        )
         if not self._flights:  # the newest iteration record may predate the last finish
             s = replace(s, running_requests=0, waiting_requests=0)
         return s
@@ -759,6 +768,8 @@ class TrtllmEngine:
             raise self._translate(e, submitting=True) from e
         self._dirty = True
         flight.handle = handle
+        # a generation-only request's KV comes from the context worker: nothing to prefill
+        flight.unprefilled = len(prompt) if first_token_id is None else 0
         flight.pump = asyncio.get_running_loop().create_task(
             self._pump(flight, handle, first_token_id), name=f"trtllm-{flight.request_id}"
         )
@@ -772,6 +783,7 @@ class TrtllmEngine:
         leading = first_token_id is not None  # a generation-only output starts with it
         try:
             async for _ in handle:
+                flight.unprefilled = 0
                 completion = handle.outputs[0]
                 ids = completion.token_ids or ()
                 if leading and ids:
@@ -789,6 +801,8 @@ class TrtllmEngine:
             flight.queue.put_nowait(RuntimeError("the result stream ended before the request"))
         except Exception as e:
             flight.queue.put_nowait(e)
+        finally:
+            flight.unprefilled = 0
 
     async def _stream(
         self,

@@ -78,6 +78,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -561,6 +562,9 @@ class VllmEngine:
         self._rng_seed = rng_seed
         self._active: set[str] = set()
         self._aborted: set[str] = set()
+        self._unprefilled: dict[str, int] = {}
+        """Prompt tokens of the requests this engine prefills whose first output has not come
+        back (vLLM's stats count waiting requests, not their tokens)."""
 
     # -- InferenceEngine ---------------------------------------------------------------------
 
@@ -643,7 +647,11 @@ class VllmEngine:
                 sampling, max_tokens=sampling.max_tokens, seed=seed, kv_transfer_params=transfer
             )
             skip = 1  # vLLM samples the first token again; the prefill side returned it
-            async for out in self._outputs(request_id, prompt_token_ids, params):
+            # the KV comes over the connector: nothing to prefill here unless it has no handle
+            remote = bool(transfer.get("do_remote_prefill"))
+            async for out in self._outputs(
+                request_id, prompt_token_ids, params, prefills=not remote
+            ):
                 ids = _token_ids(out)
                 if skip and ids:
                     if ids[0] != first_token_id:
@@ -691,7 +699,12 @@ class VllmEngine:
         )
 
     def stats(self) -> EngineStats:
-        return self._stats.snapshot()
+        """vLLM's scheduler and iteration stats, plus ``queued_prefill_tokens``: the prompts
+        submitted here whose first output is not back. An upper bound on the prefill work
+        ahead (it counts the prefix-cache hits and the chunks already computed of a prompt
+        prefilled in chunks) that the router's TTFT prediction reads (``predict.queue_ms``)."""
+        snap = self._stats.snapshot()
+        return dataclasses.replace(snap, queued_prefill_tokens=sum(self._unprefilled.values()))
 
     def drain_kv_events(self) -> list[KvEvent]:
         return self._kv_events.drain() if self._kv_events is not None else []
@@ -735,16 +748,21 @@ class VllmEngine:
             self._aborted.discard(request_id)
 
     async def _outputs(
-        self, request_id: str, prompt: tuple[int, ...], params: Any
+        self, request_id: str, prompt: tuple[int, ...], params: Any, *, prefills: bool = True
     ) -> AsyncIterator[Any]:
-        """vLLM's outputs for one request, its exceptions translated."""
+        """vLLM's outputs for one request, its exceptions translated. ``prefills``: vLLM
+        computes the prompt here (not loaded over the KV connector): its tokens count as
+        queued prefill until the first output."""
         if request_id in self._aborted:  # aborted before vLLM knew the request
             return
         stream: AsyncIterator[Any] | None = None
+        if prefills:
+            self._unprefilled[request_id] = len(prompt)
         try:
             stream = self._llm.generate(self._api.tokens_prompt(prompt), params, request_id)
             reaborted = False
             async for out in stream:
+                self._unprefilled.pop(request_id, None)
                 yield out
                 if request_id in self._aborted and not reaborted:
                     # An abort that came before vLLM knew the request was lost: say it again
@@ -757,6 +775,7 @@ class VllmEngine:
         except Exception as e:
             raise translate_error(e) from e
         finally:
+            self._unprefilled.pop(request_id, None)
             close = getattr(stream, "aclose", None) if stream is not None else None
             if close is not None:
                 with contextlib.suppress(Exception):
