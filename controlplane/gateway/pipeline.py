@@ -97,16 +97,22 @@ _TRANSPORT_CODES = frozenset(
 class WorkerFailed(Exception):
     """A worker failed this request in a way another worker may not (transport, draining)."""
 
-    def __init__(self, worker_id: str, detail: str) -> None:
+    def __init__(self, worker_id: str, detail: str, *, timed_out: bool = False) -> None:
         super().__init__(f"worker {worker_id}: {detail}")
         self.worker_id = worker_id
         self.detail = detail
+        self.timed_out = timed_out
+        """The call ran past its deadline (``--decode-timeout`` and the like)."""
 
 
 def _translate(e: grpc.aio.AioRpcError, worker_id: str) -> Exception:
     code, details = e.code(), e.details() or e.code().name
     if code in _TRANSPORT_CODES:
-        return WorkerFailed(worker_id, f"{code.name}: {details}")
+        return WorkerFailed(
+            worker_id,
+            f"{code.name}: {details}",
+            timed_out=code is grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
     if code is grpc.StatusCode.NOT_FOUND:
         return KvUnavailable(details)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
@@ -139,6 +145,9 @@ class Progress:
     """Set by ``stream``: the class the request was measured against (its effective class)."""
     failed: bool = False
     """Set by ``stream``: it raised (the request failed after admission)."""
+    abort_reason: str = "error"
+    """Set by ``stream`` when it gives up: ``timeout`` when the last worker call ran past
+    its deadline (``switchboard_aborts_total``'s reason)."""
     tenant: str = ""
     """Set by the caller after admission: the ticket's tenant."""
     rejected: RateLimited | None = None
@@ -432,7 +441,7 @@ class Gateway:
             if disconnected:
                 m.child(m.aborts, model, "client_disconnect").inc()
             elif failed:
-                m.child(m.aborts, model, "error").inc()
+                m.child(m.aborts, model, progress.abort_reason).inc()
         elif progress.rejected is not None:
             tenant, cls = progress.rejected.tenant, progress.rejected.sla_class
             reason = "shed"
@@ -555,6 +564,7 @@ class Gateway:
                     self._failed(model, failed)
                     moves += 1
                     if moves > self.max_migrations:
+                        progress.abort_reason = "timeout" if e.timed_out else "error"
                         raise Unavailable(
                             f"request {request_id} failed after {moves - 1} moves to other "
                             f"workers; last: {e}"

@@ -4,6 +4,7 @@ older worker) gets the ``Decode`` stream instead and is remembered. Real Worker 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from switchboard.v1 import worker_pb2
 
 from controlplane.adapters.grpc.server import GrpcServer
-from controlplane.gateway.pipeline import Gateway
+from controlplane.errors import Unavailable
+from controlplane.gateway.pipeline import Gateway, Progress
 from controlplane.gateway.routing import CircuitBreakers, LeastLoadedRouter
 from controlplane.telemetry.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
@@ -103,3 +105,26 @@ async def test_one_token_requests_use_decode_unary_or_fall_back(
         assert service.calls == ["unary", "unary", "stream"]
         assert not gw._no_unary
     assert not engine.aborted  # nothing was cut off on the way
+
+
+async def test_a_worker_past_the_deadline_ends_the_request_as_a_timeout() -> None:
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()  # the first token comes, then the engine stalls
+    service = CountingService(engine, worker_id="w1", role=Role.DECODE, report_interval_s=0.05)
+    server = await serve(service)
+    view = QuietView()
+    view.put(dataclasses.replace(rec("w1", model=MODEL), endpoint=f"127.0.0.1:{server.port}"))
+    gw = Gateway(
+        view, LeastLoadedRouter(), CircuitBreakers(), GatewayMetrics(CollectorRegistry()),
+        max_migrations=0, decode_timeout_s=0.3,
+    )  # fmt: skip
+    progress = Progress()
+    try:
+        with pytest.raises(Unavailable, match="DEADLINE_EXCEEDED"):
+            async for _ in gw.stream("slow", MODEL, (1, 2, 3), SamplingParams(4), progress):
+                pass
+    finally:
+        engine.gate.set()
+        await view.channels.close()
+        await server.stop(0)
+    assert progress.abort_reason == "timeout"

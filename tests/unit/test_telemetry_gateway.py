@@ -130,6 +130,9 @@ def test_finish_counts_each_request_once_by_outcome() -> None:
     assert gw.finish("/v1/completions", "499", MODEL, gone, error=True, disconnected=True) == (
         "error"
     )
+    late = served(0.1, 0.01, 3)
+    late.failed, late.abort_reason = True, "timeout"  # its last worker call hit the deadline
+    assert gw.finish("/v1/completions", "200", MODEL, late, error=False) == "error"
     shed = Progress(rejected=RateLimited("shed", tenant="acme", sla_class="batch", reason="shed"))
     assert gw.finish("/v1/completions", "429", MODEL, shed, error=True) == "shed"
     assert gw.finish("/v1/completions", "401", "", Progress(), error=True) is None
@@ -138,13 +141,14 @@ def test_finish_counts_each_request_once_by_outcome() -> None:
     assert get("switchboard_slo_met_total", who) == 1
     assert get("switchboard_goodput_tokens_total", who) == 10
     assert get("switchboard_slo_missed_total", {**who, "reason": "ttft"}) == 1
-    assert get("switchboard_slo_missed_total", {**who, "reason": "error"}) == 2
+    assert get("switchboard_slo_missed_total", {**who, "reason": "error"}) == 3
     assert get("switchboard_slo_missed_total",
                {**who, "sla_class": "batch", "reason": "shed"}) == 1  # fmt: skip
     assert get("switchboard_aborts_total", {"model": MODEL, "reason": "client_disconnect"}) == 1
     assert get("switchboard_aborts_total", {"model": MODEL, "reason": "error"}) == 1
+    assert get("switchboard_aborts_total", {"model": MODEL, "reason": "timeout"}) == 1
     assert get("switchboard_requests_total", {**who, "route": "/v1/completions",
-                                              "status": "200"}) == 3  # fmt: skip
+                                              "status": "200"}) == 4  # fmt: skip
     unknown = {"tenant": "unknown", "model": "", "sla_class": "unknown"}
     assert get("switchboard_requests_total",
                {**unknown, "route": "/v1/completions", "status": "401"}) == 1  # fmt: skip
