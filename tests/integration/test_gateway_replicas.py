@@ -90,6 +90,13 @@ def test_quotas_are_split_between_live_gateway_replicas(
         return replicas(port_a) == 2 and replicas(port_b) == 2
 
     wait_until(both_seen, 30, what="each gateway to see both replicas")
+    # each gateway learns of the new tenant from its etcd watch (GET /v1/models takes no quota)
+    wait_until(
+        lambda: all(get_json(f"http://127.0.0.1:{p}/v1/models", key)[0] == 200
+                    for p in (port_a, port_b)),
+        30,
+        what="each gateway to know the tenant's key",
+    )  # fmt: skip
 
     # the fleet-wide limit is 4/min: each replica admits its share of 2, then 429s
     served = {port_a: 0, port_b: 0}
