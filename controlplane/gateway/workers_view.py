@@ -197,10 +197,11 @@ class WorkersView:
         self.stats_down: set[str] = set()
         self.inflight: dict[str, int] = {}
         self.pending_prefill: dict[str, int] = {}
+        """Prompt tokens sent to each worker to prefill whose first token is not back."""
         self._snapshot_cache: dict[
             str, tuple[WorkerRecord, LoadReport, tuple[int, int, bool, bool], WorkerSnapshot]
         ] = {}
-        """Prompt tokens sent to each worker to prefill whose first token is not back."""
+        """Each worker's last snapshot and what it was built from (``snapshots``)."""
         self._stats_tasks: dict[str, asyncio.Task[None]] = {}
         self.synced = asyncio.Event()
         self.deployments_synced = asyncio.Event()
@@ -269,8 +270,6 @@ class WorkersView:
                 queued_prefill_tokens=load.queued_prefill_tokens,
                 dp_rank_running=load.dp_rank_running,
             )
-            if len(cache) > 4 * max(64, len(self._records)):  # workers come and go: start over
-                cache.clear()
             cache[wid] = (r, load, key, snap)
             out.append(snap)
         return out
@@ -377,6 +376,7 @@ class WorkersView:
                 if task is not None:
                     task.cancel()
                 self.loads.pop(worker_id, None)
+                self._snapshot_cache.pop(worker_id, None)
                 self.stats_down.discard(worker_id)
                 if all(r.endpoint != rec.endpoint for r in after.values()):
                     await self.channels.drop(rec.endpoint)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,26 +47,24 @@ def test_prompts_share_exactly_the_named_blocks() -> None:
     assert ideal_hit_rate([a, b], 16, 1 << 20) == pytest.approx(512 / 1700)
 
 
-@pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"{TRACES_DIR} is not here")
-def test_small_replay_writes_results(tmp_path: Path) -> None:
-    out = tmp_path / "replay.json"
+def run_replay(out: Path, *args: str) -> Any:
+    """Run the script as a user would on a small bounded azure-code replay; its JSON."""
     argv = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "trace_replay.py"),
-        "--trace", "azure-code",
-        "--policies", "round_robin,least_loaded",
-        "--fleet", "1p1d",
-        "--max-requests", "6",
-        "--rate-scale", "50",
-        "--speedup", "1",
-        "--max-output-tokens", "8",
-        "--duration", "10",
-        "--drain-timeout", "30",
-        "--out", str(out),
+        sys.executable, str(ROOT / "benchmarks" / "trace_replay.py"), "--trace", "azure-code",
+        "--speedup", "1", "--duration", "10", "--drain-timeout", "30", "--out", str(out), *args,
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"{TRACES_DIR} is not here")
+def test_small_replay_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "replay.json"
+    doc = run_replay(
+        out, "--policies", "round_robin,least_loaded", "--fleet", "1p1d", "--max-requests", "6",
+        "--rate-scale", "50", "--max-output-tokens", "8",
+    )  # fmt: skip
     assert doc["benchmark"] == "trace_replay"
     assert doc["method"]["roles"] == ["prefill", "decode"]
     run = doc["runs"]["azure-code"]
@@ -127,23 +126,10 @@ def test_sweep_parsing_capacity_and_verdict() -> None:
 @pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"{TRACES_DIR} is not here")
 def test_small_sweep_writes_capacity(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
-    argv = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "trace_replay.py"),
-        "--trace", "azure-code",
-        "--policies", "round_robin",
-        "--fleet", "2",
-        "--max-requests", "4",
-        "--sweep", "25/50",
-        "--speedup", "1",
-        "--max-output-tokens", "4",
-        "--duration", "10",
-        "--drain-timeout", "30",
-        "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
+    doc = run_replay(
+        out, "--policies", "round_robin", "--fleet", "2", "--max-requests", "4",
+        "--sweep", "25/50", "--max-output-tokens", "4",
+    )  # fmt: skip
     assert doc["runs"] == {}
     sw = doc["sweeps"]["azure-code"]
     points = sw["points"]["round_robin"]
