@@ -317,6 +317,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         routing_profiles=args.routing_profiles or "",
         otlp_endpoint=args.otlp_endpoint,
         tenant_label_cap=args.tenant_label_cap,
+        late_hold_factor=args.late_hold,
     )
 
     try:
@@ -693,6 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait for open requests"
     )
     sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    sp.add_argument(
+        "--late-hold",
+        type=float,
+        default=4.0,
+        metavar="FACTOR",
+        help="late lane: a request predicted to miss its TTFT target waits while others that "
+        "can still make theirs go first, at most FACTOR x its class's TTFT target (0: off)",
+    )
     sp.add_argument(
         "--routing-profiles",
         help="YAML: the SLA router's scorers and weights per deployment and SLA class "

@@ -59,6 +59,7 @@ from controlplane.core.planner import (
     plan,
 )
 from controlplane.core.reconcile import DeploymentRecord, DeploymentStatus
+from controlplane.core.routing.framework import ScaledTiming
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass
 from controlplane.errors import Conflict, SwitchboardError
 from controlplane.telemetry.metrics import PlannerMetrics
@@ -355,27 +356,6 @@ class EtcdGatewaysSource:
 
 
 # --- timing models --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ScaledTiming:
-    """A profile run ``speedup`` times faster (the sim engine's ``speedup`` engine arg)."""
-
-    base: TimingModel
-    speedup: float
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.base.kv_bytes_per_token
-
-    def prefill_ms(self, new_tokens: int, cached_tokens: int = 0) -> float:
-        return self.base.prefill_ms(new_tokens, cached_tokens) / self.speedup
-
-    def decode_step_ms(self, batch: int, context_tokens: int) -> float:
-        return self.base.decode_step_ms(batch, context_tokens) / self.speedup
-
-    def kv_transfer_ms(self, num_bytes: int) -> float:
-        return self.base.kv_transfer_ms(num_bytes) / self.speedup
 
 
 def timing_of(spec: ModelDeploymentSpec) -> tuple[TimingModel, int, int] | None:

@@ -599,6 +599,55 @@ def router() -> Dashboard:
                 ),
             ),
             Row(
+                "Late lane (requests held while others can still meet their TTFT target)",
+                (
+                    Panel(
+                        "Requests held, by class",
+                        "timeseries",
+                        (
+                            Target(
+                                "sum by (sla_class)"
+                                f" (rate(switchboard_late_held_total{{{M}}}[{RI}]))",
+                                "{{sla_class}}",
+                            ),
+                        ),
+                        description="Requests the router predicted late at arrival (their TTFT"
+                        " target missed on every route) and held back so that requests that"
+                        " could still make theirs went first. Sustained: the fleet is short of"
+                        " prefill capacity for the offered load.",
+                        unit="ops",
+                        width=8,
+                    ),
+                    Panel(
+                        "Held now",
+                        "timeseries",
+                        (
+                            Target(
+                                f"sum by (model) (switchboard_late_lane_requests{{{M}}})",
+                                "{{model}}",
+                            ),
+                        ),
+                        unit="short",
+                        min=0,
+                        width=8,
+                    ),
+                    Panel(
+                        "Hold time p95",
+                        "timeseries",
+                        (
+                            Target(
+                                "histogram_quantile(0.95, sum by (le, model)"
+                                f" (rate(switchboard_late_hold_seconds_bucket{{{M}}}[{RI}])))",
+                                "{{model}}",
+                            ),
+                        ),
+                        unit="s",
+                        min=0,
+                        width=8,
+                    ),
+                ),
+            ),
+            Row(
                 "Failures on the request path",
                 (
                     Panel(

@@ -37,6 +37,7 @@ from controlplane.adapters.grpc.server import GrpcServer
 from controlplane.config import EtcdSettings
 from controlplane.core.model import WorkerState
 from controlplane.core.routing import SlaAwareRouter
+from controlplane.core.routing.late import LatePolicy
 from controlplane.errors import InvalidArgument
 from controlplane.gateway.gate import AllowAll, RequestGate
 from controlplane.gateway.grpc_inference import InferenceService
@@ -88,6 +89,11 @@ class GatewaySettings:
     else tracing off). ``/metrics`` is served on the HTTP port."""
     tenant_label_cap: int = 100
     """Distinct tenants named in metric labels; later ones are reported as "other"."""
+    late_hold_factor: float = 4.0
+    """The late lane (controlplane/core/routing/late.py): a request predicted to miss its TTFT
+    target waits while requests that can still make theirs go first, at most this many times
+    its class's TTFT target; 0: off (every request is sent at once, first come first
+    served)."""
     routing_profiles: str = ""
     """YAML file of routing profiles per deployment and SLA class ("": the built-in ones,
     ``docs/routing-profiles.yaml``); read once at start, a bad file stops the start."""
@@ -132,6 +138,7 @@ async def run_gateway(
         model_routing=model_routing,
         sla_classes=deployments.sla_classes,
         tracer=tracing.tracer_of(tracer_provider),
+        late_policy=LatePolicy(max_hold_factor=settings.late_hold_factor),
     )
     background: list[asyncio.Task[None]] = [
         asyncio.create_task(deployments.run(), name="deployments"),

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from controlplane.core.routing import NO_DEPLOYMENT, DeploymentFacts, TimingModel
+from controlplane.core.routing import NO_DEPLOYMENT, DeploymentFacts, ScaledTiming, TimingModel
 from controlplane.core.routing.predict import efficient_batch_size
 from controlplane.errors import FailedPrecondition, SwitchboardError
 from controlplane.gateway.routing import WorkerSnapshot
@@ -69,9 +69,16 @@ def model_routing(info: ModelInfo) -> ModelRouting:
         from workers.profiles import load_profile
 
         profile = load_profile(info.engine_args.get("profile", DEFAULT_SIM_PROFILE))
+        timing: TimingModel = profile
+        try:
+            speedup = float(info.engine_args.get("speedup", "1") or 1)
+        except ValueError:
+            speedup = 1.0
+        if speedup > 0 and speedup != 1.0:
+            timing = ScaledTiming(profile, speedup)  # its workers run that much faster
         return ModelRouting(
             block_size=profile.block_size,
-            timing=profile,
+            timing=timing,
             deployment=deployment_facts(info, profile),
         )
     raw = info.engine_args.get("block_size", "")

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -55,6 +56,7 @@ import grpc
 from switchboard.v1 import inference_pb2, worker_pb2
 
 from controlplane.core.routing import RouteRequest, Trace
+from controlplane.core.routing.late import NO_HOLD, LatePolicy, Prediction
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import DEFAULT_SLA_CLASS
 from controlplane.errors import (
@@ -66,9 +68,10 @@ from controlplane.errors import (
 )
 from controlplane.gateway.decisions import DecisionLog
 from controlplane.gateway.errors import RateLimited
+from controlplane.gateway.late_lane import LateLane
 from controlplane.gateway.model_routing import DEFAULT_SIM_PROFILE, ModelRoutingCache
 from controlplane.gateway.routing import CircuitBreakers, NoRoute, Route, Router, WorkerSnapshot
-from controlplane.gateway.sla_routing import SlaGatewayRouter, route_summary
+from controlplane.gateway.sla_routing import Held, SlaGatewayRouter, route_summary
 from controlplane.gateway.workers_view import ModelInfo, WorkersView
 from controlplane.telemetry import tracing
 from controlplane.telemetry.metrics import UNKNOWN, GatewayMetrics, SloTargets, TokenTimer
@@ -195,6 +198,9 @@ class Gateway:
             (``switchboard_router_plugin_seconds`` is a sample; timing every decision costs
             about 25 us of histogram updates).
         tokenizer_factory: ModelInfo -> Tokenizer (cached per model).
+        late_policy: when a request the SLA router predicts late is held back so that
+            requests that can still meet their TTFT target go first (``NO_HOLD``: never;
+            controlplane/core/routing/late.py).
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class Gateway:
         sla_classes: Callable[[str], Mapping[str, SlaClass]] | None = None,
         tracer: Tracer | None = None,
         plugin_timing_every: int = 8,
+        late_policy: LatePolicy = NO_HOLD,
     ) -> None:
         self.view = view
         self.tracer = tracer
@@ -238,6 +245,8 @@ class Gateway:
         self._background: set[asyncio.Task[None]] = set()
         self.decisions = DecisionLog()
         """Recent requests' routing decisions (``GET /debug/requests/{id}``)."""
+        self.late_policy = late_policy
+        self.late_lane = LateLane(clock=clock)
 
     # --- model facts ----------------------------------------------------------------------------
 
@@ -295,8 +304,39 @@ class Gateway:
         progress: Progress | None = None,
         request_id: str = "",
     ) -> Route:
+        """``_route_or_hold`` without holding: where this attempt goes."""
+        route = self._route_or_hold(
+            model,
+            prompt,
+            max_tokens,
+            exclude,
+            aggregated,
+            sla_class=sla_class,
+            tenant=tenant,
+            progress=progress,
+            request_id=request_id,
+        )
+        assert isinstance(route, Route)
+        return route
+
+    def _route_or_hold(
+        self,
+        model: str,
+        prompt: tuple[int, ...],
+        max_tokens: int,
+        exclude: frozenset[str],
+        aggregated: bool,
+        *,
+        sla_class: str = "",
+        tenant: str = "",
+        progress: Progress | None = None,
+        request_id: str = "",
+        hold_late: bool = False,
+    ) -> Route | Held:
         """Where this attempt goes (see the module docstring, 1.). Reads memory only; the
-        decision goes into ``decisions`` under ``request_id``."""
+        decision goes into ``decisions`` under ``request_id``. ``hold_late``: a route whose
+        predicted TTFT misses the request's class target is not made (``Held``: nothing is
+        recorded; the caller holds the request in the late lane and routes it again)."""
         now = self.clock()
         workers = self.view.snapshots(model, lambda w: self.breakers.allows(w, now))
         if not workers and not self.view.has_model(model):
@@ -314,8 +354,9 @@ class Gateway:
             if explain:
                 summary = route_summary(route, policy=policy)
         else:
+            cls = self.sla_class(model, sla_class)
             request = RouteRequest.for_class(
-                self.sla_class(model, sla_class),
+                cls,
                 model=model,
                 prompt_tokens=len(prompt),
                 max_tokens=max_tokens,
@@ -325,13 +366,20 @@ class Gateway:
             )
             timed = self._decisions % self.plugin_timing_every == 0
             self._decisions += 1
+            hold: Callable[[Prediction], bool] | None = None
+            if hold_late and self.late_policy.enabled and cls.ttft_p95_ms is not None:
+                hold = functools.partial(self.late_policy.is_late, ttft_target_ms=cls.ttft_p95_ms)
             sla_route, trace = self.sla_router.route_request(
                 request,
                 workers,
                 exclude=exclude,
                 aggregated=aggregated,
                 clock=self.clock if timed else None,
+                hold=hold,
             )
+            if isinstance(sla_route, Held):
+                tracing.end_span(span, "held: late")
+                return sla_route
             route, policy = sla_route, "sla"
             if isinstance(sla_route, NoRoute):
                 # the SLA router's filters are stricter than the hard ones (KV room for every
@@ -500,7 +548,7 @@ class Gateway:
                     yield TokenChunk((), "length")
                     return
                 attempt_prompt = prompt + tuple(sent)
-                route = self._route(
+                routed = self._route_or_hold(
                     model,
                     attempt_prompt,
                     remaining,
@@ -510,7 +558,22 @@ class Gateway:
                     tenant=tenant,
                     progress=progress,
                     request_id=request_id,
+                    hold_late=moves == 0 and self.late_policy.enabled,
                 )
+                if isinstance(routed, Held):
+                    await self._hold_late(model, attempt_prompt, remaining, sla_class, tenant)
+                    routed = self._route(
+                        model,
+                        attempt_prompt,
+                        remaining,
+                        frozenset(exclude),
+                        aggregated,
+                        sla_class=sla_class,
+                        tenant=tenant,
+                        progress=progress,
+                        request_id=request_id,
+                    )
+                route = routed
                 attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
                 attempt = self._attempt(
                     attempt_id,
@@ -586,6 +649,45 @@ class Gateway:
         except Exception:
             progress.failed = True
             raise
+
+    async def _hold_late(
+        self, model: str, prompt: tuple[int, ...], max_tokens: int, sla_class: str, tenant: str
+    ) -> float:
+        """Hold a late request in the late lane until the route the router would pick predicts
+        it leaves room for fresh requests (``LatePolicy.may_release``), or its longest hold
+        has passed (controlplane/core/routing/late.py). Returns the seconds held."""
+        cls = self.sla_class(model, sla_class)
+        facts = self.model_routing.get(model)
+        if self.sla_router is None or facts is None or facts.timing is None:
+            return 0.0
+        target = cls.ttft_p95_ms
+        request = RouteRequest.for_class(
+            cls,
+            model=model,
+            prompt_tokens=len(prompt),
+            max_tokens=max_tokens,
+            block_size=facts.block_size,
+            block_hashes=hash_blocks(prompt, facts.block_size),
+            tenant=tenant,
+        )
+        sla_router, policy = self.sla_router, self.late_policy
+
+        def may_go() -> bool:
+            now = self.clock()
+            workers = self.view.snapshots(model, lambda w: self.breakers.allows(w, now))
+            p = sla_router.predict(request, workers)
+            return p is None or policy.may_release(p, target)
+
+        m = self.metrics
+        m.child(m.late_held, model, cls.name).inc()
+        waiting = m.child(m.late_waiting, model)
+        waiting.inc()
+        try:
+            held_s = await self.late_lane.hold(model, may_go, policy.max_hold_s(target))
+        finally:
+            waiting.dec()
+        m.child(m.late_hold, model).observe(held_s)
+        return held_s
 
     async def _attempt(
         self,
@@ -759,7 +861,9 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        """Wait (briefly) for background aborts."""
+        """Send the requests still held in the late lane; wait (briefly) for background
+        aborts."""
+        await self.late_lane.close()
         if self._background:
             await asyncio.wait(set(self._background), timeout=5.0)
 

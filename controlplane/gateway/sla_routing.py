@@ -10,6 +10,8 @@ The request path (``pipeline.py``) calls it for every model that has a timing mo
   (``facts_for``: threshold, MoE layout, profile key), runs ``SlaAwareRouter.route`` with this
   adapter's own ``random.Random`` and the ``TenantLedger`` 's shares, charges the ledger, and
   maps the decision back to snapshots;
+* ``predict(request, snapshots, ...)`` -> the TTFT and prefill queue that route would have,
+  without routing (the late lane's question, ``controlplane.core.routing.late``);
 * ``route(...)``: the plain ``Router`` protocol, for callers that have no request to describe;
   without a prompt and SLA targets there is nothing to predict with, so it falls back to
   ``LeastLoadedRouter``;
@@ -26,8 +28,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol, overload
 
 from controlplane.core.routing import (
     NO_DEPLOYMENT,
@@ -40,6 +42,8 @@ from controlplane.core.routing import (
     Trace,
     WorkerState,
 )
+from controlplane.core.routing.late import Prediction
+from controlplane.core.routing.predict import queue_ms
 from controlplane.gateway.routing import LeastLoadedRouter, NoRoute, Route, WorkerSnapshot
 
 MAX_SUMMARY_CHARS = 400
@@ -137,6 +141,25 @@ class TenantLedger:
         self._by_worker.pop(worker_id, None)
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """``route_request`` 's answer when its ``hold`` said to hold the request back."""
+
+    prediction: Prediction
+
+
+def prediction(request: RouteRequest, decision: Decision) -> Prediction | None:
+    """The TTFT and prefill queue ``decision`` predicts, on the worker that prefills."""
+    prefiller = decision.prefill if decision.prefill is not None else decision.decode
+    stage = decision.trace.prefill if decision.prefill is not None else decision.trace.decode
+    if stage is None:
+        return None
+    return Prediction(
+        ttft_ms=stage.candidate(prefiller.worker_id).ttft_ms,
+        queue_ms=queue_ms(request, prefiller),
+    )
+
+
 class SlaGatewayRouter:
     """See the module docstring."""
 
@@ -171,6 +194,30 @@ class SlaGatewayRouter:
         """The ``Router`` protocol without a request: least loaded (nothing to predict)."""
         return self._fallback.route(workers, exclude=exclude, aggregated=aggregated)
 
+    @overload
+    def route_request(
+        self,
+        request: RouteRequest,
+        workers: Sequence[WorkerSnapshot],
+        *,
+        exclude: frozenset[str] = ...,
+        aggregated: bool = ...,
+        clock: Callable[[], float] | None = ...,
+        hold: None = ...,
+    ) -> tuple[Route | NoRoute, Trace]: ...
+
+    @overload
+    def route_request(
+        self,
+        request: RouteRequest,
+        workers: Sequence[WorkerSnapshot],
+        *,
+        exclude: frozenset[str] = ...,
+        aggregated: bool = ...,
+        clock: Callable[[], float] | None = ...,
+        hold: Callable[[Prediction], bool],
+    ) -> tuple[Route | NoRoute | Held, Trace]: ...
+
     def route_request(
         self,
         request: RouteRequest,
@@ -179,16 +226,68 @@ class SlaGatewayRouter:
         exclude: frozenset[str] = frozenset(),
         aggregated: bool = False,
         clock: Callable[[], float] | None = None,
-    ) -> tuple[Route | NoRoute, Trace]:
+        hold: Callable[[Prediction], bool] | None = None,
+    ) -> tuple[Route | NoRoute | Held, Trace]:
         """Route ``request`` over ``workers`` (all of ``request.model``); ``clock``: time each
         plugin with it (the trace's ``plugin_seconds``; None: not timed). A request without
         deployment facts gets the model's (``facts_for``). The decode worker's tenant ledger
-        is charged with the request's prompt + ``max_tokens``."""
+        is charged with the request's prompt + ``max_tokens``. ``hold``: asked with the
+        decision's prediction (``predict``); True: the decision is not made (no index or
+        ledger change) and ``Held`` comes back instead of the route."""
+        request, states = self._prepare(request, workers)
+        out = self.core.decide(
+            request,
+            states,
+            self._rng,
+            exclude=exclude,
+            aggregated=aggregated,
+            tenants=self.ledger.shares() if request.tenant else None,
+            clock=clock,
+        )
+        if not isinstance(out, Decision):
+            return NoRoute(out.reasons), out.trace
+        if hold is not None:
+            p = prediction(request, out)
+            if p is not None and hold(p):
+                return Held(p), out.trace
+        self.core.commit(request, out)
+        self.ledger.add(out.decode.worker_id, request.tenant, request.total_tokens)
+        by_id = {w.worker_id: w for w in workers}
+        prefill = by_id[out.prefill.worker_id] if out.prefill is not None else None
+        return Route(decode=by_id[out.decode.worker_id], prefill=prefill), out.trace
+
+    def predict(
+        self,
+        request: RouteRequest,
+        workers: Sequence[WorkerSnapshot],
+        *,
+        exclude: frozenset[str] = frozenset(),
+        aggregated: bool = False,
+    ) -> Prediction | None:
+        """What the route ``route_request`` would pick now predicts for ``request`` (the
+        late lane's question, ``controlplane.core.routing.late``): the TTFT and prefill queue
+        on the worker that would prefill. A pure read (``SlaAwareRouter.decide``: no index or
+        ledger change); None when no worker would take it."""
+        request, states = self._prepare(request, workers)
+        out = self.core.decide(
+            request,
+            states,
+            self._rng,
+            exclude=exclude,
+            aggregated=aggregated,
+            tenants=self.ledger.shares() if request.tenant else None,
+        )
+        return prediction(request, out) if isinstance(out, Decision) else None
+
+    def _prepare(
+        self, request: RouteRequest, workers: Sequence[WorkerSnapshot]
+    ) -> tuple[RouteRequest, list[WorkerState]]:
+        """``request`` with the model's deployment facts, and the workers as the core sees
+        them."""
         if request.deployment is NO_DEPLOYMENT and self._facts_for is not None:
             facts = self._facts_for(request.model)
             if facts is not NO_DEPLOYMENT:
                 request = replace(request, deployment=facts)
-        by_id = {w.worker_id: w for w in workers}
         states = [
             worker_state(
                 w,
@@ -198,20 +297,7 @@ class SlaGatewayRouter:
             )
             for w in workers
         ]
-        out = self.core.route(
-            request,
-            states,
-            self._rng,
-            exclude=exclude,
-            aggregated=aggregated,
-            tenants=self.ledger.shares() if request.tenant else None,
-            clock=clock,
-        )
-        if isinstance(out, Decision):
-            self.ledger.add(out.decode.worker_id, request.tenant, request.total_tokens)
-            prefill = by_id[out.prefill.worker_id] if out.prefill is not None else None
-            return Route(decode=by_id[out.decode.worker_id], prefill=prefill), out.trace
-        return NoRoute(out.reasons), out.trace
+        return request, states
 
     def apply_kv_events(self, worker_id: str, events: Iterable[KvEventLike]) -> None:
         for e in events:

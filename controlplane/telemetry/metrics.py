@@ -415,6 +415,27 @@ class GatewayMetrics(MetricsGroup):
             ["model"],
             registry=r,
         )
+        self.late_held = Counter(
+            "switchboard_late_held",
+            "Requests held in the late lane: the best route predicted a TTFT over their class"
+            " target, so requests that could still make theirs went first"
+            " (controlplane/core/routing/late.py).",
+            ["model", "sla_class"],
+            registry=r,
+        )
+        self.late_hold = Histogram(
+            "switchboard_late_hold_seconds",
+            "How long a late request was held before it was sent.",
+            ["model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.late_waiting = Gauge(
+            "switchboard_late_lane_requests",
+            "Requests held in the late lane now.",
+            ["model"],
+            registry=r,
+        )
         self.migrations = Counter(
             "switchboard_migrations",
             "Requests moved to another worker mid-stream after their worker failed.",

@@ -4,7 +4,8 @@ Started here, all on 127.0.0.1: etcd; a control plane (``--metrics-port``, which
 Prometheus HTTP service discovery at ``/sd/targets``); a node agent; sim workers of
 ``tiny-sim`` (one prefill, two decode, ``--speedup 10``) and of ``slow-sim`` (one aggregated
 worker at ``--speedup 0.003``: a first token takes ~0.7 s, past the interactive class's 500 ms
-TTFT target, so every interactive request to it misses its SLO: the *forced miss*); the
+TTFT target, so every interactive request to it misses its SLO: the *forced miss*; its
+deployment record says so, so the gateway holds those requests in its late lane); the
 gateway with tenants ``alpha`` and ``beta`` (and ``capped``, 2 requests a minute, for 429s,
 and ``solo``, one request at a time, for the admission queue);
 and Prometheus (``controlplane/local/monitoring.py``) scraping every second with
@@ -77,6 +78,7 @@ from tests.integration.test_gateway import start_gateway
 
 MODEL = "tiny-sim"
 SLOW_MODEL = "slow-sim"
+SLOW_SPEEDUP = "0.003"
 PROFILE = "tiny-test"
 pytestmark = pytest.mark.timeout(240)
 
@@ -178,6 +180,17 @@ def setup_etcd(endpoint: str) -> dict[str, str]:
             "pools": [{"role": "prefill", "replicas": 1}, {"role": "decode", "replicas": 1}],
         }
     )
+    # the slow worker's deployment says how slow it is: the gateway predicts its interactive
+    # requests late and holds each until the worker has no prefill queue (the late lane)
+    slow = spec_from_dict(
+        {
+            "name": SLOW_MODEL,
+            "model": SLOW_MODEL,
+            "engine": "sim",
+            "engine_args": {"profile": PROFILE, "speedup": SLOW_SPEEDUP},
+            "pools": [{"role": "aggregated", "replicas": 1}],
+        }
+    )
     tenants = [
         Tenant("alpha", ("*",), ()),
         Tenant("beta", ("*",), ()),
@@ -187,6 +200,7 @@ def setup_etcd(endpoint: str) -> dict[str, str]:
 
     async def run(client: EtcdClient) -> dict[str, str]:
         await EtcdDeploymentStore(client).apply(spec, now=time.time())
+        await EtcdDeploymentStore(client).apply(slow, now=time.time())
         store = EtcdTenantStore(client)
         return {t.name: (await store.create(t)).api_key for t in tenants}
 
@@ -428,7 +442,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         procs += [d.process for d in decoders]
         slow = start_worker(
             tmp, etcd.endpoint, "mon-slow", role="both", profile=PROFILE, model=SLOW_MODEL,
-            extra=["--speedup", "0.003", "--metrics-port", "0"],
+            extra=["--speedup", SLOW_SPEEDUP, "--metrics-port", "0"],
         )  # fmt: skip
         procs.append(slow.process)
         gateway, http_port, _ = start_gateway(tmp, etcd.endpoint)

@@ -118,9 +118,17 @@ def test_sweep_parsing_capacity_and_verdict() -> None:
     assert sweep_verdict({"switchboard": 7.0, "round_robin": 4.0, "vllm_cache_aware": 6.0},
                          [1])["met"] is False  # fmt: skip
     assert sweep_verdict({"round_robin": 1.0}, [1])["met"] is False
-    # a baseline that never reached 90%: its capacity is below the lowest rate, the ratio unknown
-    low = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 0.0}, [1])
-    assert low["met"] is False and "lowest rate" in low["undetermined"]
+    # a baseline that never reached 90%: its capacity is below the lowest rate, so the ratio
+    # is only bounded from below (Switchboard's capacity / the lowest rate)
+    low = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 0.0}, [1, 2])
+    assert low["vs_best_peer_at_least"] == 2.0 and low["vs_round_robin_at_least"] == 2.0
+    assert low["met"] is True and "undetermined" not in low
+    short = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 0.0}, [2])
+    assert short["vs_round_robin_at_least"] == 1.0
+    assert short["met"] is False and "lowest rate" in short["undetermined"]
+    mixed = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 1.8}, [1])
+    assert mixed["vs_best_peer"] == pytest.approx(1.111, 1e-3) and mixed["met"] is False
+    assert "undetermined" not in mixed  # the measured peer decides it
 
 
 @pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"{TRACES_DIR} is not here")

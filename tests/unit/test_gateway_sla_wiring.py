@@ -286,3 +286,20 @@ def test_sla_class_defaults_to_standard() -> None:
     assert gw.sla_class("custom", "").name == "rt"
     with pytest.raises(InvalidArgument):
         model_routing(ModelInfo("m", "sim", engine_args={"profile": "nope"}))
+
+
+def test_a_sim_deployments_speedup_scales_its_timing() -> None:
+    """Its workers run ``speedup`` times faster (the reconciler starts them so): every
+    predicted duration is divided by it; an unreadable speedup leaves the profile as it is."""
+    base = model_routing(SIM).timing
+    slow = model_routing(
+        ModelInfo("m", "sim", engine_args={"profile": "tiny-test", "speedup": "0.5"})
+    ).timing
+    bad = model_routing(ModelInfo("m", "sim", engine_args={"profile": "tiny-test", "speedup": "x"}))
+    assert base is not None and slow is not None and bad.timing is not None
+    assert slow.prefill_ms(320, 0) == pytest.approx(2 * base.prefill_ms(320, 0))
+    assert slow.prefill_compute_ms(320, 64) == pytest.approx(2 * base.prefill_compute_ms(320, 64))
+    assert slow.decode_step_ms(4, 4000) == pytest.approx(2 * base.decode_step_ms(4, 4000))
+    assert slow.kv_transfer_ms(1 << 20) == pytest.approx(2 * base.kv_transfer_ms(1 << 20))
+    assert slow.kv_bytes_per_token == base.kv_bytes_per_token
+    assert bad.timing.prefill_ms(320, 0) == pytest.approx(base.prefill_ms(320, 0))

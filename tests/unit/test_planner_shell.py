@@ -12,11 +12,11 @@ from controlplane.adapters.grpc.deployments import (
     spec_to_pb,
 )
 from controlplane.core.deployments import PoolRole, keep_planner_replicas
+from controlplane.core.routing import ScaledTiming
 from controlplane.deployspec import spec_from_dict, spec_to_dict
 from controlplane.planner import (
     Histogram,
     ModelCounters,
-    ScaledTiming,
     merge,
     observe,
     parse_gateway_metrics,

@@ -68,6 +68,31 @@ class TimingModel(Protocol):
     def kv_transfer_ms(self, num_bytes: int) -> float: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ScaledTiming:
+    """``base`` run ``speedup`` times faster: every duration divided by it (a sim deployment's
+    ``speedup`` engine arg; its workers really run that much faster or slower)."""
+
+    base: TimingModel
+    speedup: float
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.base.kv_bytes_per_token
+
+    def prefill_ms(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        return self.base.prefill_ms(new_tokens, cached_tokens) / self.speedup
+
+    def prefill_compute_ms(self, new_tokens: int, cached_tokens: int) -> float:
+        return self.base.prefill_compute_ms(new_tokens, cached_tokens) / self.speedup
+
+    def decode_step_ms(self, batch: int, context_tokens: int) -> float:
+        return self.base.decode_step_ms(batch, context_tokens) / self.speedup
+
+    def kv_transfer_ms(self, num_bytes: int) -> float:
+        return self.base.kv_transfer_ms(num_bytes) / self.speedup
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeploymentFacts:
     """What the router knows about the deployment a request's model runs as (the same for

@@ -142,11 +142,17 @@ class SlaAwareRouter:
             tenants=tenants,
             clock=clock,
         )
-        if isinstance(decision, Decision) and request.block_hashes:
+        if isinstance(decision, Decision):
+            self.commit(request, decision)
+        return decision
+
+    def commit(self, request: RouteRequest, decision: Decision) -> None:
+        """Record ``decision`` 's workers as holding the prompt's blocks (what ``route`` adds
+        to ``decide``; for a caller that decided first and sends the request later)."""
+        if request.block_hashes:
             self.index.record_route(decision.decode.worker_id, request.block_hashes)
             if decision.prefill is not None:
                 self.index.record_route(decision.prefill.worker_id, request.block_hashes)
-        return decision
 
     def decide(
         self,
