@@ -111,6 +111,25 @@ def test_short_prompts_prefill_locally_and_long_ones_remotely(
     assert (d.trace.prefill is not None) is remote
 
 
+@pytest.mark.parametrize(
+    ("queued", "remote"),
+    [
+        (0, False),  # a 1k prompt fits d1's ~41 ms ITL slack
+        (300, False),  # a little queued: still fits
+        (2000, True),  # two 1k prompts already queued on d1 ride in the same steps: no slack
+    ],
+)
+def test_prefills_queued_on_the_decode_worker_use_its_itl_slack_first(
+    queued: int, remote: bool
+) -> None:
+    d1 = busy("d1", pending_prefill_tokens=queued)
+    d = decide(SlaAwareRouter(), request(1000, sla=SLA["interactive"]), [d1, PD[1]])
+    assert ids(d) == (("p1" if remote else None), "d1")
+    verdict = d.trace.disaggregation
+    assert verdict is not None and verdict.remote is remote
+    assert ("> ITL slack" if remote else "fits the ITL slack") in verdict.reason
+
+
 def test_a_long_prompt_mostly_cached_on_the_decode_worker_stays_local() -> None:
     prompt = tokens(8000, seed=3)
     index = PrefixIndex()

@@ -451,7 +451,8 @@ class DisaggregationVerdict:
     interference_ms: float = 0.0
     """Prefill compute the local prefill would add to the decode batch's steps."""
     itl_slack_ms: float = 0.0
-    """ITL target minus the decode worker's predicted step: room a local prefill may take."""
+    """ITL target minus the decode worker's predicted step and its queued prefills' compute:
+    room a local prefill may take."""
     transfer_ms: float = 0.0
     """Predicted KV transfer time of the prompt's cache from a prefill worker."""
     local_ttft_miss: bool = False

@@ -13,7 +13,8 @@
 * ``itl_ms``: one decode step with this request joined: ``decode_step_ms(batch + 1, context
   + prompt)``.
 * ``interference_ms``: the prefill compute a local prefill adds to the decode batch's steps
-  (chunked prefill spreads it over steps; the sum is the same).
+  (chunked prefill spreads it over steps; the sum is the same); ``queued_interference_ms``:
+  the compute of the prefills already queued there, which rides in the same steps.
 
 A prompt is never fully cached: engines always compute at least its last token, so
 ``cached_tokens`` is capped at ``prompt_tokens - 1``.
@@ -74,6 +75,18 @@ def itl_ms(request: RouteRequest, worker: WorkerState) -> float:
 def interference_ms(request: RouteRequest, worker: WorkerState, cached: int) -> float:
     """Compute a local prefill on ``worker`` adds to its decode batch's steps."""
     return worker.timing.prefill_compute_ms(request.prompt_tokens - cached, cached)
+
+
+def queued_interference_ms(request: RouteRequest, worker: WorkerState) -> float:
+    """Compute of the prefills already queued on ``worker``: it rides in the same coming steps
+    as a local prefill would (an engine packs queued prompts into a step up to its token
+    budget), so it has used that much of the batch's ITL slack already. Tokens: the reported
+    queue (unknown: ``waiting`` prompts like this one), at least this router's pending ones."""
+    reported = worker.queued_prefill_tokens
+    if reported is None:
+        reported = worker.waiting * request.prompt_tokens
+    tokens = max(reported, worker.pending_prefill_tokens)
+    return worker.timing.prefill_compute_ms(tokens, 0) if tokens > 0 else 0.0
 
 
 def efficient_batch_size(

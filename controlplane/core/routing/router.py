@@ -28,10 +28,12 @@ b. ``D``'s own predicted TTFT (its prefill queue, then this prompt) misses the r
    sooner prefill worker takes the prompt instead of a queue on ``D``, so a burst spreads
    over the prefill pool too rather than waiting behind the decode workers' local prefills;
 c. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill delays no one;
-d. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` (the
-   request's class target; no target, no slack): a prefill that fits would keep even a step
-   carrying all of it under the target. Short prompts, and long ones mostly cached on ``D``,
-   stop here;
+d. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` less
+   the compute of the prefills already queued on ``D`` (the request's class target; no
+   target, no slack): a prefill that fits would keep even a step carrying all of it, and
+   the queued prompts an engine packs into the same steps, under the target. Short prompts,
+   and long ones mostly cached on ``D``, stop here; a burst of them on one decode worker
+   does not, once its queue has used the slack;
 e. the interference exceeds the transfer: the hand-off must cost less than what it saves;
 f. some prefill worker passes the prefill stage's filters;
 g. the remote prefill would not miss a TTFT target that the local one meets (``P``'s
@@ -305,7 +307,9 @@ def local_prefill_verdict(
     interference = predict.interference_ms(request, w, decode.cached_tokens)
     transfer = predict.transfer_ms(request, w)
     target = request.itl_target_ms
-    slack = 0.0 if target is None else target - decode.itl_ms
+    # the prefills already queued on D ride in the same steps: they used that slack first
+    queued = predict.queued_interference_ms(request, w) if w.batch_size > 0 else 0.0
+    slack = 0.0 if target is None else target - decode.itl_ms - queued
     numbers = DisaggregationVerdict(False, "", interference, slack, transfer)
     if w.batch_size <= 0:
         local = "decode batch empty: delays no one"
