@@ -769,6 +769,33 @@ def ms(values: Sequence[float], scale: float) -> dict[str, float | None]:
     }
 
 
+def write_requests(path: Path, results: Sequence[Result], a: argparse.Namespace) -> None:
+    """One JSON line per request (``--requests-out``): what it asked, what it got (simulated
+    ms), whether it met its targets, and Switchboard's route header; for diagnosis."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = a.speedup
+    t0 = min((r.sent_at for r in results), default=0.0)
+    with path.open("w") as f:
+        for r in sorted(results, key=lambda r: r.index):
+            ttft_ok, itl_ok = good(r, scale)
+            t = tpot_s(r)
+            row = {
+                "index": r.index,
+                "sla_class": r.sla_class,
+                "prompt_tokens": r.prompt_tokens,
+                "output_tokens": r.output_tokens,
+                "sent_ms": round((r.sent_at - t0) * scale * 1000, 2),
+                "ttft_ms": None if r.ttft_s is None else round(r.ttft_s * scale * 1000, 2),
+                "tpot_ms": None if t is None else round(t * scale * 1000, 2),
+                "max_gap_ms": round(max(r.itl_s, default=0.0) * scale * 1000, 2),
+                "ttft_ok": ttft_ok,
+                "itl_ok": itl_ok,
+                "error": r.error,
+                "route": r.route,
+            }
+            f.write(json.dumps(row) + "\n")
+
+
 def tpot_s(r: Result) -> float | None:
     if r.ttft_s is None or r.e2e_s is None or r.output_tokens < 2:
         return None
@@ -933,6 +960,8 @@ def run_policy(
         entry.update(prefix_hit_rate(policy, workers, results))
         if sb:
             entry["routes"] = route_mix(results)
+        if a.requests_out:
+            write_requests(Path(a.requests_out) / f"{trace}-{policy}{tag}.jsonl", results, a)
     except Exception as e:  # a policy that fails is recorded, the others still run
         entry = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:500]}
         if router is not None:
@@ -1363,6 +1392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--traces-dir", default=str(TRACES_DIR))
     p.add_argument("--peers-venv", default=str(ROOT / ".venv-peers"))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/trace_replay.json"))
+    p.add_argument(
+        "--requests-out",
+        default="",
+        help="also write every request's figures and route here, one JSONL file per "
+        "(trace, policy, rate scale), for diagnosis",
+    )
     a = p.parse_args(argv)
     traces = [t.strip() for t in a.trace.split(",") if t.strip()]
     policies = [x.strip() for x in a.policies.split(",") if x.strip()]
