@@ -59,6 +59,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -96,6 +97,7 @@ from benchmarks.gateway_overhead import (  # noqa: E402
 from controlplane.adapters.etcd.client import EtcdClient  # noqa: E402
 from controlplane.adapters.etcd.deployments import EtcdDeploymentStore  # noqa: E402
 from controlplane.adapters.etcd.tenants import EtcdTenantStore  # noqa: E402
+from controlplane.core.deployments import ModelDeploymentSpec  # noqa: E402
 from controlplane.core.model import WorkerRecord  # noqa: E402
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass  # noqa: E402
 from controlplane.core.tenants import Tenant  # noqa: E402
@@ -389,13 +391,11 @@ def http_prompt_tokens(w: Worker) -> int:
 # --- etcd: deployment, tenants, registrations -----------------------------------------------
 
 
-async def seed_etcd(
-    endpoint: str,
-    roles: Sequence[str],
-    tenants: Iterable[tuple[str, str]],
-) -> dict[str, str]:
-    """The sim deployment (the SLA router's timing model) and one tenant per (name, class);
-    returns API keys by tenant name."""
+def deployment_spec(roles: Sequence[str], speedup: float) -> ModelDeploymentSpec:
+    """The sim deployment: its profile (the SLA router's timing model) at the fleet's
+    ``speedup``, and the SLA classes' time targets in the same wall-clock frame (a simulated
+    500 ms TTFT target is 500 / speedup wall ms), so that the gateway, which sees wall time,
+    judges and predicts exactly what the summary reports in simulated ms."""
     n_p = sum(r == "prefill" for r in roles)
     n_d = len(roles) - n_p
     pools: list[dict[str, Any]] = (
@@ -408,14 +408,51 @@ async def seed_etcd(
             "name": "trace-sim",
             "model": MODEL,
             "engine": "sim",
-            "engine_args": {"profile": PROFILE},
+            "engine_args": {"profile": PROFILE, "speedup": f"{speedup:g}"},
             "pools": pools,
         }
     )
+    return dataclasses.replace(spec, sla_classes=tuple(wall_classes(speedup)))
+
+
+def wall_classes(speedup: float) -> list[SlaClass]:
+    """``DEFAULT_SLA_CLASSES`` with every duration in wall time at ``speedup``."""
+
+    def wall(v: float | None) -> float | None:
+        return None if v is None else v / speedup
+
+    return [
+        dataclasses.replace(
+            c,
+            ttft_p95_ms=wall(c.ttft_p95_ms),
+            itl_p95_ms=wall(c.itl_p95_ms),
+            deadline_s=wall(c.deadline_s),
+            queue_timeout_s=c.queue_timeout_s / speedup,
+        )
+        for c in DEFAULT_SLA_CLASSES
+    ]
+
+
+async def apply_deployment(endpoint: str, roles: Sequence[str], speedup: float) -> None:
+    client = EtcdClient(endpoint)
+    try:
+        await EtcdDeploymentStore(client).apply(deployment_spec(roles, speedup), now=time.time())
+    finally:
+        await client.close()
+
+
+async def seed_etcd(
+    endpoint: str,
+    roles: Sequence[str],
+    tenants: Iterable[tuple[str, str]],
+    speedup: float = 1.0,
+) -> dict[str, str]:
+    """The sim deployment (``deployment_spec``) and one tenant per (name, class); returns API
+    keys by tenant name."""
     client = EtcdClient(endpoint)
     keys: dict[str, str] = {}
     try:
-        await EtcdDeploymentStore(client).apply(spec, now=time.time())
+        await EtcdDeploymentStore(client).apply(deployment_spec(roles, speedup), now=time.time())
         store = EtcdTenantStore(client)
         for name, cls in tenants:
             issued = await store.create(Tenant(name, ("*",), (cls,), default_sla_class=cls))
@@ -1466,6 +1503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for trace in traces:
                 reqs = load_workload(trace, a)
                 a.speedup = speedups[trace]  # what the fleet, the client and the summary use
+                if etcd is not None:  # the gateway's timing and targets at this speedup
+                    asyncio.run(apply_deployment(etcd.endpoint, roles, a.speedup))
                 if sweeps:
                     doc["sweeps"][trace] = run_sweep(
                         trace, reqs, sweeps[trace], policies, roles, a, tmp, etcd, keys, cap

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import grpc
 from switchboard.v1 import inference_pb2, worker_pb2
 
-from controlplane.core.routing import RouteRequest, Trace
+from controlplane.core.routing import DecodeProgress, RouteRequest, Trace
 from controlplane.core.routing.late import NO_HOLD, LatePolicy, Prediction
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import DEFAULT_SLA_CLASS
@@ -247,6 +247,11 @@ class Gateway:
         """Recent requests' routing decisions (``GET /debug/requests/{id}``)."""
         self.late_policy = late_policy
         self.late_lane = LateLane(clock=clock)
+        self._decoding: dict[str, dict[int, tuple[TokenTimer, int, float]]] = {}
+        """worker id -> this gateway's requests decoding there: (timer, max_tokens, ITL target
+        ms) by the request's ``id(Progress)``; their ITL budgets steer local prefills."""
+        if sla_router is not None and sla_router.decoding_for is None:
+            sla_router.decoding_for = self.decoding_progress
 
     # --- model facts ----------------------------------------------------------------------------
 
@@ -415,6 +420,22 @@ class Gateway:
         self._observe_route(model, policy, route, trace, len(prompt), block_size, now, span)
         return route
 
+    def decoding_progress(self, worker_id: str) -> tuple[DecodeProgress, ...]:
+        """This gateway's requests decoding on ``worker_id`` now (``DecodeProgress``)."""
+        entries = self._decoding.get(worker_id)
+        if not entries:
+            return ()
+        now = self.clock()
+        return tuple(
+            DecodeProgress(
+                itl_target_ms=target,
+                tokens=timer.count,
+                max_tokens=max_tokens,
+                elapsed_ms=0.0 if timer.first is None else (now - timer.first) * 1000.0,
+            )
+            for timer, max_tokens, target in entries.values()
+        )
+
     def _observe_route(
         self,
         model: str,
@@ -534,7 +555,9 @@ class Gateway:
         started = self.clock()
         timer = TokenTimer(progress.arrived if progress.arrived is not None else started)
         progress.timer = timer
-        progress.sla_class = cls = self.sla_class(model, sla_class).name
+        sla = self.sla_class(model, sla_class)
+        progress.sla_class = cls = sla.name
+        itl_target = sla.itl_p95_ms
         m = self.metrics
         tenant_label = m.tenant_label(tenant)
         ttft = m.child(m.ttft, tenant_label, model, cls)
@@ -588,6 +611,9 @@ class Gateway:
                     metadata,
                 )
                 progress.worker_ids = (*progress.worker_ids, route.decode.worker_id)
+                decoding = self._decoding.setdefault(route.decode.worker_id, {})
+                if itl_target is not None:
+                    decoding[id(progress)] = (timer, sampling.max_tokens, itl_target)
                 try:
                     async for chunk in attempt:
                         ids = chunk.token_ids
@@ -644,6 +670,7 @@ class Gateway:
                     exclude.add(e.worker_id)
                     aggregated = True
                 finally:
+                    decoding.pop(id(progress), None)
                     await attempt.aclose()
 
         except Exception:

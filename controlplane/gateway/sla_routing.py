@@ -34,6 +34,7 @@ from typing import Protocol, overload
 from controlplane.core.routing import (
     NO_DEPLOYMENT,
     Decision,
+    DecodeProgress,
     DeploymentFacts,
     RouteRequest,
     SlaAwareRouter,
@@ -61,12 +62,17 @@ class KvEventLike(Protocol):
 
 
 def worker_state(
-    snapshot: WorkerSnapshot, *, model: str, timing: TimingModel, pool: str | None = None
+    snapshot: WorkerSnapshot,
+    *,
+    model: str,
+    timing: TimingModel,
+    pool: str | None = None,
+    decoding: tuple[DecodeProgress, ...] = (),
 ) -> WorkerState:
     """The core's view of one gateway snapshot: its record (pool, chunked prefill, context
     window) and last report (batch, its context tokens, queued prefill tokens; an engine that
     does not report the queue leaves it unknown, see ``controlplane.core.routing.predict``).
-    ``pool`` overrides the record's."""
+    ``pool`` overrides the record's; ``decoding``: this gateway's requests decoding there."""
     return WorkerState(
         worker_id=snapshot.worker_id,
         model=model,
@@ -88,6 +94,8 @@ def worker_state(
         max_context_tokens=snapshot.max_context_tokens,
         chunked_prefill=snapshot.chunked_prefill,
         dp_rank_running=snapshot.dp_rank_running,
+        reported_batch=snapshot.batch_size,
+        decoding=decoding,
     )
 
 
@@ -183,6 +191,9 @@ class SlaGatewayRouter:
         self.ledger = ledger if ledger is not None else TenantLedger()
         self._rng = rng
         self._fallback = LeastLoadedRouter()
+        self.decoding_for: Callable[[str], tuple[DecodeProgress, ...]] | None = None
+        """worker id -> the requests this gateway has decoding there (their ITL budgets);
+        set by the ``Gateway`` that owns the request path. None: not tracked."""
 
     def route(
         self,
@@ -294,6 +305,7 @@ class SlaGatewayRouter:
                 model=request.model,
                 timing=self._timing_for(request.model, w),
                 pool=None if self._pool_for is None else self._pool_for(w),
+                decoding=() if self.decoding_for is None else self.decoding_for(w.worker_id),
             )
             for w in workers
         ]

@@ -14,6 +14,7 @@ from controlplane.gateway.pipeline import Gateway
 from controlplane.gateway.routing import Route
 from controlplane.gateway.sla_routing import Held
 from controlplane.gateway.workers_view import LoadReport
+from controlplane.telemetry.metrics import TokenTimer
 from tests.unit.test_gateway_sla_wiring import SIM, QuietView, gateway, rec
 from workers.engines.sim_core import hash_blocks
 
@@ -179,3 +180,16 @@ async def test_a_held_request_goes_after_its_longest_hold() -> None:
     assert gw.late_lane.waiting("sim-model") == 0
     count = gw.metrics.late_hold.labels("sim-model")._sum.get()
     assert count == pytest.approx(held) and held >= 0.05
+
+
+def test_the_gateway_feeds_its_decoding_requests_to_the_routers_itl_budgets() -> None:
+    gw, _ = late_gateway()
+    assert gw.sla_router is not None and gw.sla_router.decoding_for == gw.decoding_progress
+    timer = TokenTimer(gw.clock())
+    timer.tokens(1, gw.clock() - 0.2)  # first token 200 ms ago
+    timer.tokens(3, gw.clock())
+    gw._decoding["d1"] = {1: (timer, 16, 50.0)}
+    (p,) = gw.decoding_progress("d1")
+    assert p.tokens == 4 and p.max_tokens == 16 and p.itl_target_ms == 50.0
+    assert p.elapsed_ms == pytest.approx(200, abs=50)
+    assert gw.decoding_progress("p1") == ()

@@ -8,6 +8,7 @@ random; the gateway adapts its worker snapshots to ``WorkerState`` and calls
 from controlplane.core.routing.framework import (
     NO_DEPLOYMENT,
     Decision,
+    DecodeProgress,
     DeploymentFacts,
     RouteRequest,
     RoutingProfile,
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_TABLE",
     "NO_DEPLOYMENT",
     "Decision",
+    "DecodeProgress",
     "DeploymentFacts",
     "PrefixIndex",
     "ProfileTable",

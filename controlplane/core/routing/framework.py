@@ -190,6 +190,20 @@ class RouteRequest:
         return self.prompt_tokens + self.max_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeProgress:
+    """One request this router has decoding on a worker, as its ITL budget needs it."""
+
+    itl_target_ms: float
+    """Its class's ITL target, judged on its mean inter-token time (TPOT)."""
+    tokens: int
+    """Output tokens it has so far (0: its first token is not back yet)."""
+    max_tokens: int
+    """The most it may produce (the request's ``max_tokens``)."""
+    elapsed_ms: float = 0.0
+    """Since its first token (0 before it)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerState:
     """One worker as the router sees it: its record, its last load report, this router's own
@@ -229,6 +243,12 @@ class WorkerState:
     not stall its decode batch for the whole prefill)."""
     dp_rank_running: tuple[int, ...] = ()
     """DP attention (MoE): running sequences per rank; empty: unknown or one rank."""
+    reported_batch: int = 0
+    """The decode batch by the worker's last report alone (``batch_size`` also counts this
+    router's in-flight requests)."""
+    decoding: tuple[DecodeProgress, ...] = ()
+    """This router's requests decoding (or about to) on the worker, for their ITL budgets
+    (``predict.itl_budget_ms``); empty: none, or not tracked."""
 
     @property
     def load(self) -> int:
@@ -457,6 +477,19 @@ class DisaggregationVerdict:
     """Predicted KV transfer time of the prompt's cache from a prefill worker."""
     local_ttft_miss: bool = False
     """The decode worker's own predicted TTFT misses the request's target (rule (b))."""
+    queued_ms: float = 0.0
+    """Compute of the prefills already queued on the decode worker (they ride in the same
+    steps as a local prefill)."""
+    itl_budget_ms: float | None = None
+    """The smallest stall any request decoding on the decode worker can absorb and still meet
+    its ITL target (``predict.itl_budget_ms``); None: unknown."""
+
+    @property
+    def breaks_itl_budget(self) -> bool:
+        """A local prefill (with the queued ones) would push some decoding request past its
+        ITL target."""
+        budget = self.itl_budget_ms
+        return budget is not None and self.interference_ms + self.queued_ms > budget
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@
 * ``interference_ms``: the prefill compute a local prefill adds to the decode batch's steps
   (chunked prefill spreads it over steps; the sum is the same); ``queued_interference_ms``:
   the compute of the prefills already queued there, which rides in the same steps.
+* ``itl_budget_ms``: the longest stall every request this router has decoding on a worker can
+  take and still meet its ITL target (mean inter-token time).
 
 A prompt is never fully cached: engines always compute at least its last token, so
 ``cached_tokens`` is capped at ``prompt_tokens - 1``.
@@ -87,6 +89,35 @@ def queued_interference_ms(request: RouteRequest, worker: WorkerState) -> float:
         reported = worker.waiting * request.prompt_tokens
     tokens = max(reported, worker.pending_prefill_tokens)
     return worker.timing.prefill_compute_ms(tokens, 0) if tokens > 0 else 0.0
+
+
+MIN_OUTPUT_HORIZON = 8
+"""Tokens a decoding request is assumed to have left at least (``itl_budget_ms``)."""
+
+
+def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
+    """The longest stall (ms) every request this router has decoding on ``worker`` can absorb
+    and still meet its ITL target, judged on its mean inter-token time (TPOT), as ``vllm
+    bench serve`` 's goodput and the gateway's SLO judge it. None when unknown: nothing tracked
+    there, or the worker's last report shows more sequences than this router knows of (other
+    gateways' requests, whose budgets it cannot see).
+
+    A request with ``k`` tokens, ``elapsed`` ms since its first, and ``n`` tokens in all
+    ends with TPOT = (elapsed + stall + (n - k) x step) / (n - 1); its budget is what keeps
+    that within the target. ``n`` is not known (it may stop early): it is assumed to produce
+    as many more tokens as it has (at least ``MIN_OUTPUT_HORIZON``), capped by its
+    ``max_tokens``. A request whose first token is not back counts from now."""
+    if not worker.decoding or len(worker.decoding) < worker.reported_batch:
+        return None
+    budget: float | None = None
+    for d in worker.decoding:
+        n = min(d.max_tokens, d.tokens + max(d.tokens, MIN_OUTPUT_HORIZON))
+        if n < 2:
+            continue  # one token: no inter-token latency to miss
+        left = n - max(d.tokens, 1)
+        b = d.itl_target_ms * (n - 1) - d.elapsed_ms - left * step_ms
+        budget = b if budget is None else min(budget, b)
+    return None if budget is None else max(0.0, budget)
 
 
 def efficient_batch_size(

@@ -28,17 +28,23 @@ b. ``D``'s own predicted TTFT (its prefill queue, then this prompt) misses the r
    sooner prefill worker takes the prompt instead of a queue on ``D``, so a burst spreads
    over the prefill pool too rather than waiting behind the decode workers' local prefills;
 c. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill delays no one;
-d. the interference does not fit in the batch's ITL slack, ``itl_target - itl_ms(D)`` less
-   the compute of the prefills already queued on ``D`` (the request's class target; no
-   target, no slack): a prefill that fits would keep even a step carrying all of it, and
-   the queued prompts an engine packs into the same steps, under the target. Short prompts,
-   and long ones mostly cached on ``D``, stop here; a burst of them on one decode worker
-   does not, once its queue has used the slack;
-e. the interference exceeds the transfer: the hand-off must cost less than what it saves;
+d. the interference does not fit in the batch's ITL slack. When this router knows every
+   request decoding on ``D`` (``WorkerState.decoding``), the slack is their **ITL budgets**
+   (``predict.itl_budget_ms``: the smallest stall any of them can take and still meet its
+   target on its mean inter-token time), and the interference counts the compute of the
+   prefills already queued on ``D`` (an engine packs them into the same steps). Otherwise it
+   is one step's slack, ``itl_target - itl_ms(D)`` less that queued compute (the request's
+   class target; no target, no slack): a prefill that fits keeps even a step carrying all of
+   it under the target. Short prompts, and long ones mostly cached on ``D``, stop here; a
+   burst of them on one decode worker does not, once its queue has used the slack;
+e. the interference exceeds the transfer: the hand-off must cost less than what it saves
+   (not asked when the budgets are known: they decided (d));
 f. some prefill worker passes the prefill stage's filters;
 g. the remote prefill would not miss a TTFT target that the local one meets (``P``'s
    predicted TTFT, with the transfer, against ``D``'s local one); after (b) sent it here
-   (the local one misses), the remote one must be sooner than the local one.
+   (the local one misses), the remote one must be sooner than the local one. Neither keeps
+   it local when the local prefill would break a decoding request's ITL budget: one late
+   first token costs less than several requests' ITL (the late lane may hold it).
 
 With ``llama-3.1-8b-h100`` and the interactive class (ITL 50 ms) beside a batch of 16 at 1k
 context, (d) keeps prompts up to about 1.3k uncached tokens local.
@@ -310,9 +316,24 @@ def local_prefill_verdict(
     # the prefills already queued on D ride in the same steps: they used that slack first
     queued = predict.queued_interference_ms(request, w) if w.batch_size > 0 else 0.0
     slack = 0.0 if target is None else target - decode.itl_ms - queued
-    numbers = DisaggregationVerdict(False, "", interference, slack, transfer)
+    budget = predict.itl_budget_ms(w, decode.itl_ms)
+    numbers = DisaggregationVerdict(
+        False, "", interference, slack, transfer, queued_ms=queued, itl_budget_ms=budget
+    )
     if w.batch_size <= 0:
         local = "decode batch empty: delays no one"
+    elif budget is not None:  # rule (d) on the decoding requests' own budgets
+        if numbers.breaks_itl_budget:
+            return dataclasses.replace(
+                numbers,
+                remote=True,
+                reason=f"prefill {interference:.1f} ms (+{queued:.1f} ms queued) > the "
+                f"smallest ITL budget {budget:.1f} ms of the requests decoding on {w.worker_id}",
+            )
+        local = (
+            f"prefill {interference:.1f} ms (+{queued:.1f} ms queued) fits the ITL budget "
+            f"{budget:.1f} ms of every request decoding on {w.worker_id}"
+        )
     elif interference <= slack:
         local = (
             f"prefill {interference:.1f} ms fits the ITL slack {slack:.1f} ms "
@@ -349,6 +370,12 @@ def remote_prefill_verdict(
     if prefill is None:
         return dataclasses.replace(verdict, remote=False, reason="no prefill worker can take it")
     target = request.ttft_target_ms
+    if verdict.breaks_itl_budget:
+        # a local prefill would push a decoding request past its ITL target: remote, even
+        # late (the gateway's late lane may then hold it until a prefill worker has room)
+        return dataclasses.replace(
+            verdict, reason=f"{verdict.reason}; remote TTFT {prefill.ttft_ms:.1f} ms"
+        )
     if verdict.local_ttft_miss and prefill.ttft_ms >= decode.ttft_ms:
         return dataclasses.replace(
             verdict,
