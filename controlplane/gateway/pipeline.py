@@ -612,7 +612,7 @@ class Gateway:
                 )
                 progress.worker_ids = (*progress.worker_ids, route.decode.worker_id)
                 decoding = self._decoding.setdefault(route.decode.worker_id, {})
-                if itl_target is not None:
+                if itl_target is not None and sampling.max_tokens > 1:  # one token: no ITL
                     decoding[id(progress)] = (timer, sampling.max_tokens, itl_target)
                 try:
                     async for chunk in attempt:
