@@ -72,7 +72,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1116,8 +1116,15 @@ def run_sweep(
         "workloads": workloads,
         "points": points,
         "capacity_rps_at_90": capacity,
-        "target": sweep_verdict(capacity, rates),
+        "target": sweep_verdict(capacity, rates, lowest_offered(points)),
     }
+
+
+def lowest_offered(points: Mapping[str, Sequence[Mapping[str, Any]]]) -> float | None:
+    """The lowest offered rate (sim req/s) any policy ran at in a sweep (None: no point)."""
+    offered = [p["offered_rps_sim"] for pts in points.values() for p in pts
+               if p.get("offered_rps_sim")]  # fmt: skip
+    return min(offered, default=None)
 
 
 def sweep_capacity(points: Sequence[dict[str, Any]]) -> float:
@@ -1130,13 +1137,16 @@ def sweep_capacity(points: Sequence[dict[str, Any]]) -> float:
     return max(ok, default=0.0)
 
 
-def sweep_verdict(capacity: dict[str, float], rates: Sequence[float]) -> dict[str, Any]:
+def sweep_verdict(
+    capacity: dict[str, float], rates: Sequence[float], lowest_rps: float | None = None
+) -> dict[str, Any]:
     """Switchboard's capacity at 90% attainment against the best cache-aware peer's (x1.3)
     and round robin's (x2). A policy that met the target at the top rate may hold more: its
     capacity is a lower bound (``capped``). A baseline that missed 90% at every rate has a
-    capacity below the lowest rate tried: the ratio against it is only bounded from below
-    (``vs_*_at_least`` = Switchboard's capacity / the lowest rate), and the target counts as
-    met only when that bound reaches it."""
+    capacity below the lowest offered rate tried (``lowest_rps``, sim req/s; default: the
+    smallest of ``rates``): the ratio against it is only bounded from below (``vs_*_at_least``
+    = Switchboard's capacity / that rate), and the target counts as met only when that bound
+    reaches it."""
     sb = capacity.get("switchboard")
     if sb is None:
         return {"met": False, "why": "switchboard did not run"}
@@ -1155,7 +1165,7 @@ def sweep_verdict(capacity: dict[str, float], rates: Sequence[float]) -> dict[st
     if peers and rr is not None and sb > 0 and (best[1] == 0 or rr == 0):
         # a baseline below 90% even at the lowest rate: its capacity is under that rate, so
         # the ratio against it is *more than* sb / lowest rate (a lower bound, not a value)
-        lowest = min(rates)
+        lowest = lowest_rps if lowest_rps else min(rates)
         bound = round(sb / lowest, 3)
         if best[1] == 0:
             out["vs_best_peer_at_least"] = bound

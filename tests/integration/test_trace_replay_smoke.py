@@ -21,6 +21,7 @@ from benchmarks.trace_replay import (
     PromptBuilder,
     TraceRequest,
     ideal_hit_rate,
+    lowest_offered,
     parse_sweep,
     sweep_capacity,
     sweep_verdict,
@@ -126,6 +127,16 @@ def test_sweep_parsing_capacity_and_verdict() -> None:
     short = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 0.0}, [2])
     assert short["vs_round_robin_at_least"] == 1.0
     assert short["met"] is False and "lowest rate" in short["undetermined"]
+    # rates are rate scales; the bound divides by the lowest *offered* rate (req/s) when given
+    scaled = sweep_verdict(
+        {"switchboard": 4.5, "round_robin": 0.0, "vllm_cache_aware": 0.0}, [0.25, 0.5], 3.0
+    )
+    assert scaled["vs_best_peer_at_least"] == 1.5 and scaled["met"] is False
+    pts: dict[str, list[dict[str, object]]] = {
+        "a": [{"offered_rps_sim": 3.0}, {"offered_rps_sim": 4.5}],
+        "b": [{"status": "failed"}],
+    }
+    assert lowest_offered(pts) == 3.0 and lowest_offered({}) is None
     mixed = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 1.8}, [1])
     assert mixed["vs_best_peer"] == pytest.approx(1.111, 1e-3) and mixed["met"] is False
     assert "undetermined" not in mixed  # the measured peer decides it
