@@ -95,6 +95,11 @@ async def test_seeded_sampling_is_repeatable_and_survives_the_hand_off(
         res = await engine.prefill("p", prompt, sampling)
         rest, _ = await collect(engine.decode("d", prompt, res.first_token_id, res.kv, sampling))
         assert [res.first_token_id, *rest] == a
+        # a temperature near 0 is (nearly) greedy, not NaN probabilities (found by fuzzing:
+        # logits / 1e-38 overflowed to inf and sampling failed the request)
+        tiny = SamplingParams(max_tokens=10, temperature=1.1754943508222875e-38, seed=1)
+        cold, _ = await collect(engine.generate("t", prompt, tiny))
+        assert cold == greedy
     finally:
         await engine.aclose()
 

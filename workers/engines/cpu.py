@@ -669,7 +669,10 @@ class CpuEngine:
             if p.temperature == 0:
                 tokens.append(int(row.argmax()))
                 continue
-            probs = torch.softmax(row.float() / p.temperature, dim=-1)
+            # subtract the max before dividing: a tiny temperature (1e-38) would overflow the
+            # logits to inf and the softmax to NaN; this way it tends to greedy, as it should
+            scaled = row.float()
+            probs = torch.softmax((scaled - scaled.max()) / p.temperature, dim=-1)
             if p.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
