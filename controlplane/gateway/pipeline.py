@@ -571,7 +571,8 @@ class Gateway:
                     yield TokenChunk((), "length")
                     return
                 attempt_prompt = prompt + tuple(sent)
-                routed = self._route_or_hold(
+                route_now = functools.partial(
+                    self._route_or_hold,
                     model,
                     attempt_prompt,
                     remaining,
@@ -581,21 +582,12 @@ class Gateway:
                     tenant=tenant,
                     progress=progress,
                     request_id=request_id,
-                    hold_late=moves == 0 and self.late_policy.enabled,
                 )
+                routed = route_now(hold_late=moves == 0 and self.late_policy.enabled)
                 if isinstance(routed, Held):
                     await self._hold_late(model, attempt_prompt, remaining, sla_class, tenant)
-                    routed = self._route(
-                        model,
-                        attempt_prompt,
-                        remaining,
-                        frozenset(exclude),
-                        aggregated,
-                        sla_class=sla_class,
-                        tenant=tenant,
-                        progress=progress,
-                        request_id=request_id,
-                    )
+                    routed = route_now()
+                assert isinstance(routed, Route)
                 route = routed
                 attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
                 attempt = self._attempt(
