@@ -41,6 +41,25 @@ class Stack:
         return deployments_pb2_grpc.DeploymentsStub(channel)
 
 
+def start_cluster(cluster_cls: Any, common: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """A head and a second node. Ray gives a raylet 30 s (fixed) to register with the GCS; on
+    a loaded 2-core machine that has timed out once in a CI run, so a start that times out
+    is tried once more on a fresh cluster (anything else is raised at once)."""
+    for attempt in (1, 2):
+        cluster = cluster_cls(
+            initialize_head=True, head_node_args={**common, "include_dashboard": False}
+        )
+        try:
+            nodes = [cluster.head_node, cluster.add_node(**common)]
+            cluster.wait_for_nodes()
+            return cluster, nodes
+        except Exception as e:
+            cluster.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -55,12 +74,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "num_gpus": GPUS_PER_NODE,
         "object_store_memory": 80 * 1024 * 1024,
     }
-    cluster: Any = Cluster(
-        initialize_head=True,
-        head_node_args={**common, "include_dashboard": False},
-    )
-    nodes = [cluster.head_node, cluster.add_node(**common)]
-    cluster.wait_for_nodes()
+    try:
+        cluster, nodes = start_cluster(Cluster, common)
+    except BaseException:
+        etcd.stop()
+        raise
     agents: list[ManagedProcess] = []
     cp: ControlPlaneProc | None = None
     try:
