@@ -6,17 +6,19 @@ PID) at the end, also on error.
 
 **Backend (the same for every system).** Two ``switchboard serve-openai --engine sim --profile
 tiny-test --speedup 1000000`` processes: near-zero engine time. Each serves the OpenAI HTTP API
-(what the peer routers and the "direct" row talk to) *and* the Worker gRPC service on a second
-port of the same process (what Switchboard's gateway talks to). ``serve-openai`` registers
-nothing in etcd, so this script registers their gRPC endpoints itself (one lease-bound
+(what the peer routers and the "direct" row talk to) *and* the Worker gRPC service and the token
+transport (workers/token_transport.py) on two more ports of the same process (what
+Switchboard's gateway talks to: Prefill / Decode over the token transport, the rest over gRPC;
+``--worker-transport grpc``: everything over gRPC). ``serve-openai`` registers
+nothing in etcd, so this script registers their endpoints itself (one lease-bound
 ``WorkerRecord`` each, role ``both``, kept alive by ``LeasedRecord`` in a thread), next to a sim
 deployment record (``engine_args: {profile: tiny-test}``: the gateway's timing model, so the
 model is routed by the SLA-aware router) and one tenant. Same engine processes, same profile,
-different front door: HTTP for the peers, gRPC for Switchboard.
+different front door: HTTP for the peers, the Worker API for Switchboard.
 
 **Systems.** direct (wrk to backend 1's HTTP port); ``switchboard gateway --auth tenants``
 (requests carry the tenant's real API key: key lookup, admission, SLA-aware routing, the full
-token path over gRPC); ``vllm-router`` round_robin and cache_aware; ``sglang-router launch``
+token path to the workers); ``vllm-router`` round_robin and cache_aware; ``sglang-router launch``
 round_robin and cache_aware. The peers come from ``.venv-peers`` (see ``--peers-venv``); a peer
 that is missing or does not answer is recorded as such, the others still run. One router runs
 at a time.
@@ -133,12 +135,13 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def read_ports(port_file: Path) -> tuple[int, int] | None:
+def read_ports(port_file: Path) -> tuple[int, ...] | None:
+    """The ports a ``--port-file`` lists (serve-openai: http, grpc, token; gateway: http,
+    grpc)."""
     text = port_file.read_text().strip() if port_file.exists() else ""
     if not text:
         return None
-    a, b = text.split()
-    return int(a), int(b)
+    return tuple(int(p) for p in text.split())
 
 
 def post(url: str, data: bytes, key: str = "", timeout_s: float = 5.0) -> tuple[int, bytes]:
@@ -162,7 +165,7 @@ def answers(url: str, key: str = "") -> bool:
     return status == 200 and b"data: [DONE]" in raw
 
 
-def start_backend(tmp: Path, i: int, procs: Procs) -> tuple[int, int]:
+def start_backend(tmp: Path, i: int, procs: Procs) -> tuple[int, ...]:
     port_file = tmp / f"backend{i}.port"
     argv = [
         PYTHON, "-m", "controlplane", "serve-openai", "--engine", "sim",
@@ -201,7 +204,8 @@ async def seed_etcd(endpoint: str) -> str:
         await client.close()
 
 
-def worker_record(i: int, grpc_port: int) -> WorkerRecord:
+def worker_record(i: int, grpc_port: int, token_port: int, transport: str) -> WorkerRecord:
+    """``transport``: token (the record names the backend's token endpoint) or grpc."""
     address = f"127.0.0.1:{grpc_port}"
     with grpc.insecure_channel(address) as ch:
         stats = worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
@@ -215,6 +219,7 @@ def worker_record(i: int, grpc_port: int) -> WorkerRecord:
         max_context_tokens=load_profile(PROFILE).max_context_tokens,
         kv_blocks_total=stats.kv_blocks_total,
         started_at=time.time(),
+        token_endpoint=f"127.0.0.1:{token_port}" if transport == "token" else "",
     )
 
 
@@ -404,9 +409,9 @@ def peer_version(a: argparse.Namespace, dist: str) -> str:
 
 
 def make_systems(
-    a: argparse.Namespace, tmp: Path, etcd: str, backends: list[tuple[int, int]], key: str
+    a: argparse.Namespace, tmp: Path, etcd: str, backends: list[tuple[int, ...]], key: str
 ) -> list[System]:
-    urls = [f"http://127.0.0.1:{http}" for http, _ in backends]
+    urls = [f"http://127.0.0.1:{ports[0]}" for ports in backends]
     path = "/v1/chat/completions"
 
     def direct() -> tuple[ManagedProcess | None, str]:
@@ -631,6 +636,13 @@ def main() -> int:
     p.add_argument("--auth", choices=["tenants", "none"], default="tenants")
     p.add_argument("--only", default="", help="comma-separated substrings of system names")
     p.add_argument("--peers-venv", default=str(ROOT / ".venv-peers"))
+    p.add_argument(
+        "--worker-transport",
+        choices=["token", "grpc"],
+        default="token",
+        help="how Switchboard's gateway reaches the backends (grpc: the records name no token "
+        "endpoint)",
+    )
     p.add_argument("--ready-timeout", type=float, default=30.0)
     p.add_argument("--profile-gateway", action="store_true", help="py-spy the gateway at c32")
     p.add_argument("--profile-raw", default="", help="also keep py-spy's collapsed stacks here")
@@ -657,7 +669,10 @@ def main() -> int:
             procs.add(etcd)
             key = asyncio.run(seed_etcd(etcd.endpoint))
             backends = [start_backend(tmp, i, procs) for i in range(2)]
-            records = [worker_record(i, grpc_port) for i, (_, grpc_port) in enumerate(backends)]
+            records = [
+                worker_record(i, ports[1], ports[2], a.worker_transport)
+                for i, ports in enumerate(backends)
+            ]
             regs = Registrations(etcd.endpoint, records)
             regs.start()
             scripts = {
@@ -667,7 +682,7 @@ def main() -> int:
             }
             hook = py_spy_hook(a, tmp, extra) if a.profile_gateway else None
             print(
-                f"backends (http, grpc): {backends}; {a.duration:.0f} s per point after "
+                f"backends (http, grpc, token): {backends}; {a.duration:.0f} s per point after "
                 f"{a.warmup:.0f} s warm-up",
                 flush=True,
             )
@@ -693,7 +708,8 @@ def main() -> int:
         "method": {
             "backend": f"2 x serve-openai --engine sim --profile {PROFILE} --speedup {SPEEDUP}",
             "front_doors": "peers and direct: the backends' OpenAI HTTP; switchboard: the "
-            "same processes' Worker gRPC, registered in etcd by this script",
+            f"same processes' Worker API (Prefill/Decode over {a.worker_transport}), registered "
+            "in etcd by this script",
             "load": "wrk -t1, POST /v1/chat/completions, fixed body",
             "json_body": body(False).decode(),
             "stream_body": body(True).decode(),

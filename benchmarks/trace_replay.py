@@ -302,6 +302,8 @@ class Worker:
     role: str
     http: int
     grpc: int
+    token: int = -1
+    """Its token transport's port (-1: none)."""
 
     @property
     def url(self) -> str:
@@ -488,6 +490,7 @@ def records(workers: Sequence[Worker], long_pool: int, threshold: int) -> list[W
                 deployment="trace-sim",
                 pool=pool,
                 long_context_threshold_tokens=threshold if long_pool else 0,
+                token_endpoint=f"127.0.0.1:{w.token}" if w.token > 0 else "",
             )
         )
     return out

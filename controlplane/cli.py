@@ -252,6 +252,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         long_context_threshold_tokens=args.long_context_threshold,
         metrics_port=args.metrics_port,
         otlp_endpoint=args.otlp_endpoint,
+        token_port=args.token_port,
         **kwargs,
     )
     try:
@@ -293,6 +294,7 @@ def cmd_serve_openai(args: argparse.Namespace) -> None:
         drain_timeout_s=args.drain_timeout,
         port_file=args.port_file or "",
         otlp_endpoint=args.otlp_endpoint,
+        token_port=args.token_port,
     )
 
     try:
@@ -318,6 +320,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         otlp_endpoint=args.otlp_endpoint,
         tenant_label_cap=args.tenant_label_cap,
         late_hold_factor=args.late_hold,
+        worker_transport=args.worker_transport,
     )
 
     try:
@@ -615,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /metrics on this port of the --listen host; 0: any free port (published in "
         "the worker's etcd record), -1: off",
     )
+    sp.add_argument(
+        "--token-port",
+        type=int,
+        default=0,
+        help="serve Prefill/Decode over the token transport on this port of the --listen host "
+        "(0: any free port, published in the worker's etcd record; -1: off, gateways use gRPC)",
+    )
     otlp_flag(sp)
     sp.set_defaults(func=cmd_worker)
 
@@ -656,12 +666,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-port", type=int, default=0, help="Worker gRPC port for KV hand-off (0: any)"
     )
     sp.add_argument(
+        "--token-port",
+        type=int,
+        default=0,
+        help="Prefill/Decode over the token transport (0: any free port; -1: off)",
+    )
+    sp.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
         help="on SIGTERM, wait this long for open requests",
     )
-    sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    sp.add_argument(
+        "--port-file", help='write "<http port> <grpc port> <token port>" here once serving'
+    )
     otlp_flag(sp)
     sp.set_defaults(func=cmd_serve_openai)
 
@@ -701,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FACTOR",
         help="late lane: a request predicted to miss its TTFT target waits while others that "
         "can still make theirs go first, at most FACTOR x its class's TTFT target (0: off)",
+    )
+    sp.add_argument(
+        "--worker-transport",
+        choices=["token", "grpc"],
+        default="token",
+        help="how requests reach workers: token = their token transport where they have one "
+        "(one multiplexed connection per worker), else gRPC; grpc = always gRPC",
     )
     sp.add_argument(
         "--routing-profiles",

@@ -40,6 +40,7 @@ from controlplane.telemetry.metrics import WorkerMetrics
 from workers.engine import InferenceEngine, KvFetcher, Role
 from workers.kv_transfer import GrpcKvFetcher
 from workers.service import WorkerService
+from workers.token_transport import TokenServer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class WorkerSettings:
     plane's ``/sd/targets`` finds it), -1 = off."""
     otlp_endpoint: str = ""
     """Export traces over OTLP gRPC here ("": ``OTEL_EXPORTER_OTLP_ENDPOINT``, else off)."""
+    token_port: int = 0
+    """Serve Prefill / Decode over the token transport (workers/token_transport.py) on this
+    port of the ``listen`` host: 0 = any free port (its ``advertise_host:port`` goes into the
+    worker's record, where gateways find it), -1 = off (gateways use gRPC)."""
 
 
 def worker_settings_to_dict(settings: WorkerSettings) -> dict[str, Any]:
@@ -187,6 +192,8 @@ async def run_worker(
         raise InvalidArgument("report_interval_s must be <= 0.5 (load reports at >= 2 Hz)")
     if settings.metrics_port < -1 or settings.metrics_port > 65535:
         raise InvalidArgument(f"--metrics-port {settings.metrics_port}: -1 (off), 0 or a port")
+    if settings.token_port < -1 or settings.token_port > 65535:
+        raise InvalidArgument(f"--token-port {settings.token_port}: -1 (off), 0 or a port")
     server = GrpcServer(settings.listen)
     metrics = WorkerMetrics(CollectorRegistry(auto_describe=True))
     tracer_provider = tracing.setup_tracing(
@@ -218,6 +225,13 @@ async def run_worker(
         )
         metrics_port = await metrics_server.start()
         metrics_endpoint = f"{settings.advertise_host}:{metrics_port}"
+    token_server: TokenServer | None = None
+    token_endpoint = ""
+    if settings.token_port >= 0:
+        token_server = TokenServer(service)
+        listen_host = settings.listen.rpartition(":")[0] or "127.0.0.1"
+        token_port = await token_server.start(listen_host, settings.token_port)
+        token_endpoint = f"{settings.advertise_host}:{token_port}"
     server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await server.start(bind=False)
     await server.set_serving(True)
@@ -239,6 +253,7 @@ async def run_worker(
         long_context_threshold_tokens=settings.long_context_threshold_tokens,
         chunked_prefill=chunked_prefill(settings),
         metrics_endpoint=metrics_endpoint,
+        token_endpoint=token_endpoint,
     )
 
     def snapshot(previous: WorkerRecord | None) -> WorkerRecord:
@@ -277,6 +292,8 @@ async def run_worker(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task  # registration revokes its lease on cancel
         await server.stop(grace_s=1.0)
+        if token_server is not None:
+            await token_server.close()
         if metrics_server is not None:
             await metrics_server.close()
         if tracer_provider is not None:

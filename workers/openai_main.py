@@ -35,6 +35,7 @@ from workers.kv_transfer import GrpcKvFetcher
 from workers.main import WorkerSettings, build_engine
 from workers.openai_http import OpenAIApp
 from workers.service import WorkerService
+from workers.token_transport import TokenServer
 from workers.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,10 @@ class OpenAIServerSettings:
     worker_id: str = field(default_factory=lambda: f"http-{uuid.uuid4().hex[:10]}")
     drain_timeout_s: float = 30.0
     port_file: str = ""
-    """Once serving, write "<http port> <grpc port>" here."""
+    """Once serving, write "<http port> <grpc port> <token port>" here."""
+    token_port: int = 0
+    """Prefill / Decode over the token transport (workers/token_transport.py); 0 = any free
+    port, -1 = off."""
     otlp_endpoint: str = ""
     """Export traces over OTLP gRPC here ("": ``OTEL_EXPORTER_OTLP_ENDPOINT``, else off)."""
 
@@ -147,6 +151,11 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
     )
     service = WorkerService(engine, worker_id=settings.worker_id, role=settings.role, tracer=tracer)
     grpc_server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
+    token_server: TokenServer | None = None
+    token_port = -1
+    if settings.token_port >= 0:
+        token_server = TokenServer(service)
+        token_port = await token_server.start(settings.host, settings.token_port)
     sock = listen_socket(settings.host, settings.port)
     http_port = int(sock.getsockname()[1])
     config = uvicorn.Config(
@@ -167,7 +176,7 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
         # The socket listens already: connections wait in its backlog until uvicorn accepts.
         if settings.port_file:
             await asyncio.to_thread(
-                Path(settings.port_file).write_text, f"{http_port} {grpc_port}\n"
+                Path(settings.port_file).write_text, f"{http_port} {grpc_port} {token_port}\n"
             )
         log.info(
             "serving %s (%s, %s) on http://%s:%d, Worker gRPC on %s",
@@ -191,6 +200,8 @@ async def run_openai_server(settings: OpenAIServerSettings, stop: asyncio.Event)
                 await task
         sock.close()
         await grpc_server.stop(grace_s=1.0)
+        if token_server is not None:
+            await token_server.close()
         await fetcher.close()
         close = getattr(engine, "aclose", None)
         if close is not None:

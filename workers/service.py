@@ -8,7 +8,7 @@ import json
 import logging
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from prometheus_client import Counter
@@ -32,6 +32,14 @@ from workers.engine import (
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CallContext(Protocol):
+    """What the service reads of a call's context: the caller's metadata (trace context)."""
+
+    def invocation_metadata(self) -> Any: ...
+
+
 DEFAULT_KV_CHUNK_BYTES = 1 << 20
 MAX_KV_CHUNK_BYTES = 16 << 20
 
@@ -143,6 +151,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: Context
     ) -> worker_pb2.PrefillResponse:
+        return await self.prefill(request, context)
+
+    async def prefill(
+        self, request: worker_pb2.PrefillRequest, context: CallContext
+    ) -> worker_pb2.PrefillResponse:
+        """``Prefill`` without gRPC (domain errors raised; also the token transport's)."""
         request_id = _request_id(request.request_id)
         sampling = sampling_from_pb(request.sampling)
         span = self._span("worker.prefill", context, request_id)
@@ -173,7 +187,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """``Decode``'s chunks as one message: all the tokens, the last chunk's finish reason
         and usage."""
         out = worker_pb2.DecodeChunk()
-        async for chunk in self._decode(request, context):
+        async for chunk in self.decode(request, context):
             out.token_ids.extend(chunk.token_ids)
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason
@@ -184,12 +198,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: Context
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
-        async for msg in self._decode(request, context):
+        async for msg in self.decode(request, context):
             yield msg
 
-    async def _decode(
-        self, request: worker_pb2.DecodeRequest, context: Context
+    async def decode(
+        self, request: worker_pb2.DecodeRequest, context: CallContext
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        """``Decode`` without gRPC (domain errors raised; also the token transport's)."""
         request_id = _request_id(request.request_id)
         sampling = sampling_from_pb(request.sampling)
         prompt = tuple(request.prompt_token_ids)
@@ -294,7 +309,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._subscribers.discard(queue)
 
     # --- telemetry -------------------------------------------------------------------------
-    def _span(self, name: str, context: Context, request_id: str) -> Span | None:
+    def _span(self, name: str, context: CallContext, request_id: str) -> Span | None:
         if self.tracer is None:
             return None
         return tracing.start_span(

@@ -143,3 +143,6 @@ class WorkerRecord:
     metrics_endpoint: str = ""
     """host:port of its Prometheus ``/metrics`` ("" none): the control plane's
     ``/sd/targets`` lists it for Prometheus."""
+    token_endpoint: str = ""
+    """host:port of its token transport (Prefill / Decode frames on one connection per
+    gateway, workers/token_transport.py); "": gateways use its gRPC service."""

@@ -94,6 +94,9 @@ class GatewaySettings:
     target waits while requests that can still make theirs go first, at most this many times
     its class's TTFT target; 0: off (every request is sent at once, first come first
     served)."""
+    worker_transport: str = "token"
+    """How the request path calls workers: token (their token transport where their record
+    has one, workers/token_transport.py, else gRPC) or grpc (always their gRPC service)."""
     routing_profiles: str = ""
     """YAML file of routing profiles per deployment and SLA class ("": the built-in ones,
     ``docs/routing-profiles.yaml``); read once at start, a bad file stops the start."""
@@ -139,6 +142,7 @@ async def run_gateway(
         sla_classes=deployments.sla_classes,
         tracer=tracing.tracer_of(tracer_provider),
         late_policy=LatePolicy(max_hold_factor=settings.late_hold_factor),
+        token_transport=settings.worker_transport == "token",
     )
     background: list[asyncio.Task[None]] = [
         asyncio.create_task(deployments.run(), name="deployments"),

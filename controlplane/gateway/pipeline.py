@@ -51,6 +51,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from switchboard.v1 import inference_pb2, worker_pb2
@@ -72,6 +73,7 @@ from controlplane.gateway.late_lane import LateLane
 from controlplane.gateway.model_routing import DEFAULT_SIM_PROFILE, ModelRoutingCache
 from controlplane.gateway.routing import CircuitBreakers, NoRoute, Route, Router, WorkerSnapshot
 from controlplane.gateway.sla_routing import Held, SlaGatewayRouter, route_summary
+from controlplane.gateway.token_client import TokenRpcError
 from controlplane.gateway.workers_view import ModelInfo, WorkersView
 from controlplane.telemetry import tracing
 from controlplane.telemetry.metrics import UNKNOWN, GatewayMetrics, SloTargets, TokenTimer
@@ -97,6 +99,10 @@ _TRANSPORT_CODES = frozenset(
 )
 
 
+_DecodeCall = AsyncGenerator[worker_pb2.DecodeChunk, None] | grpc.aio.UnaryStreamCall[Any, Any]
+"""A decode stream: the token transport's generator or a gRPC call."""
+
+
 class WorkerFailed(Exception):
     """A worker failed this request in a way another worker may not (transport, draining)."""
 
@@ -108,7 +114,7 @@ class WorkerFailed(Exception):
         """The call ran past its deadline (``--decode-timeout`` and the like)."""
 
 
-def _translate(e: grpc.aio.AioRpcError, worker_id: str) -> Exception:
+def _translate(e: grpc.aio.AioRpcError | TokenRpcError, worker_id: str) -> Exception:
     code, details = e.code(), e.details() or e.code().name
     if code in _TRANSPORT_CODES:
         return WorkerFailed(
@@ -201,6 +207,9 @@ class Gateway:
         late_policy: when a request the SLA router predicts late is held back so that
             requests that can still meet their TTFT target go first (``NO_HOLD``: never;
             controlplane/core/routing/late.py).
+        token_transport: send ``Prefill`` / ``Decode`` over a worker's token transport when
+            its record has a ``token_endpoint`` (workers/token_transport.py); False: always
+            its gRPC service.
     """
 
     def __init__(
@@ -221,8 +230,10 @@ class Gateway:
         tracer: Tracer | None = None,
         plugin_timing_every: int = 8,
         late_policy: LatePolicy = NO_HOLD,
+        token_transport: bool = True,
     ) -> None:
         self.view = view
+        self.token_transport = token_transport
         self.tracer = tracer
         self.plugin_timing_every = max(1, plugin_timing_every)
         self._decisions = 0
@@ -240,6 +251,9 @@ class Gateway:
         self._tokenizer_factory = tokenizer_factory
         self._tokenizers: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], Tokenizer] = {}
         self._last_tokenizer: dict[str, tuple[ModelInfo, Tokenizer]] = {}
+        self._sampling_msgs: dict[
+            tuple[int, float, float, int | None], inference_pb2.SamplingParams
+        ] = {}
         self._no_unary: set[str] = set()
         """Worker endpoints that answered ``DecodeUnary`` with UNIMPLEMENTED."""
         self._background: set[asyncio.Task[None]] = set()
@@ -719,19 +733,26 @@ class Gateway:
     ) -> AsyncGenerator[TokenChunk, None]:
         """One route's worth of tokens; raises ``WorkerFailed`` when a worker fails it.
         ``metadata``: gRPC metadata for the workers (the trace context)."""
-        sampling_pb = _sampling_pb(sampling)
+        sampling_pb = self._sampling_pb(sampling)
         decode = route.decode
         if route.prefill is None:
             request = worker_pb2.DecodeRequest(
                 request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
             )
-            if sampling.max_tokens == 1 and decode.endpoint not in self._no_unary:
+            if (
+                sampling.max_tokens == 1
+                and not self._tokens_to(decode)
+                and decode.endpoint not in self._no_unary
+            ):
                 one = await self._decode_unary(decode, request, metadata)
                 if one is not None:
                     yield one
                     return
-            async for chunk in self._decode(decode, request, metadata):
-                yield chunk
+            # closed here, not by the event loop's finalizer a turn later (a task per request;
+            # the worker's in-flight count would lag)
+            async with contextlib.aclosing(self._decode(decode, request, metadata)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         prefill = route.prefill
         res = await self._prefill(prefill, request_id, prompt, sampling_pb, metadata)
@@ -786,21 +807,27 @@ class Gateway:
         sampling: inference_pb2.SamplingParams,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> worker_pb2.PrefillResponse:
-        stub = self.view.channels.stub(worker.endpoint)
         self.breakers.acquire(worker.worker_id, self.clock())
+        request = worker_pb2.PrefillRequest(
+            request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling
+        )
         with self.view.in_flight(worker.worker_id, prefill_tokens=len(prompt)):
             try:
-                res = await stub.Prefill(
-                    worker_pb2.PrefillRequest(
-                        request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling
-                    ),
-                    timeout=self.prefill_timeout_s,
-                    metadata=metadata,
-                )
+                if self._tokens_to(worker):
+                    res = await self.view.channels.tokens.prefill(
+                        worker.token_endpoint,
+                        request,
+                        deadline_s=self.prefill_timeout_s,
+                        metadata=metadata,
+                    )
+                else:
+                    res = await self.view.channels.stub(worker.endpoint).Prefill(
+                        request, timeout=self.prefill_timeout_s, metadata=metadata
+                    )
             except asyncio.CancelledError:
                 self._abort_later(worker, request_id)
                 raise
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, TokenRpcError) as e:
                 raise _translate(e, worker.worker_id) from None
         self.breakers.record_success(worker.worker_id)
         return res
@@ -811,14 +838,26 @@ class Gateway:
         request: worker_pb2.DecodeRequest,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        stub = self.view.channels.stub(worker.endpoint)
         self.breakers.acquire(worker.worker_id, self.clock())
         finished = False
         succeeded = False
         # no KV handed over: the decode worker prefills the prompt itself first
         local_prefill = 0 if request.HasField("kv") else len(request.prompt_token_ids)
         with self.view.in_flight(worker.worker_id, prefill_tokens=local_prefill) as pending:
-            call = stub.Decode(request, timeout=self.decode_timeout_s, metadata=metadata)
+            call: (
+                AsyncGenerator[worker_pb2.DecodeChunk, None] | grpc.aio.UnaryStreamCall[Any, Any]
+            ) = (
+                self.view.channels.tokens.decode(
+                    worker.token_endpoint,
+                    request,
+                    deadline_s=self.decode_timeout_s,
+                    metadata=metadata,
+                )
+                if self._tokens_to(worker)
+                else self.view.channels.stub(worker.endpoint).Decode(
+                    request, timeout=self.decode_timeout_s, metadata=metadata
+                )
+            )
             try:
                 async for msg in call:
                     if not succeeded:
@@ -829,12 +868,16 @@ class Gateway:
                     yield TokenChunk(tuple(msg.token_ids), msg.finish_reason or None)
                     if finished:
                         return
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, TokenRpcError) as e:
                 finished = True  # the worker's side is over already
                 raise _translate(e, worker.worker_id) from None
             finally:
+                if isinstance(call, grpc.aio.UnaryStreamCall):
+                    if not finished:
+                        call.cancel()
+                else:  # closing an unfinished token stream tells the worker to cancel it
+                    await call.aclose()
                 if not finished:  # the consumer stopped early: free the worker's KV
-                    call.cancel()
                     self._abort_later(worker, request.request_id)
 
     async def _decode_unary(
@@ -866,6 +909,21 @@ class Gateway:
         if not msg.finish_reason:
             raise WorkerFailed(worker.worker_id, "DecodeUnary answered without a finish reason")
         return TokenChunk(tuple(msg.token_ids), msg.finish_reason)
+
+    def _sampling_pb(self, s: SamplingParams) -> inference_pb2.SamplingParams:
+        """The Worker API's sampling message for ``s`` (the same few settings come again and
+        again: built once each; the message is only ever copied into requests)."""
+        key = (s.max_tokens, s.temperature, s.top_p, s.seed)
+        msg = self._sampling_msgs.get(key)
+        if msg is None:
+            if len(self._sampling_msgs) >= 4096:
+                self._sampling_msgs.clear()
+            msg = self._sampling_msgs[key] = _sampling_pb(s)
+        return msg
+
+    def _tokens_to(self, worker: WorkerSnapshot) -> bool:
+        """Whether calls to ``worker`` go over its token transport (else its gRPC service)."""
+        return self.token_transport and bool(worker.token_endpoint)
 
     def _abort_later(self, worker: WorkerSnapshot, request_id: str) -> None:
         """Send Abort without waiting (also from a cancelled task)."""

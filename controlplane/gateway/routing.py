@@ -59,6 +59,8 @@ class WorkerSnapshot:
     queued_prefill_tokens: int | None = None
     """Prompt tokens waiting to be prefilled; None: the engine does not report it."""
     dp_rank_running: tuple[int, ...] = ()
+    token_endpoint: str = ""
+    """Its token transport's host:port ("": the request path uses its gRPC service)."""
 
     @property
     def load(self) -> int:

@@ -45,6 +45,7 @@ from controlplane.core.model import WorkerRecord, WorkerState
 from controlplane.core.reconcile import DeploymentRecord
 from controlplane.errors import SwitchboardError
 from controlplane.gateway.routing import WorkerSnapshot
+from controlplane.gateway.token_client import TokenClients
 from workers.engine import KvEvent, KvEventKind
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,13 @@ _NO_LOAD = LoadReport()
 
 
 class WorkerChannels:
-    """One gRPC channel (and one stub on it) per worker endpoint, created on first use."""
+    """One gRPC channel (and one stub on it) per worker endpoint, created on first use, and
+    the token-transport connections (``tokens``, one per token endpoint)."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerAsyncStub] = {}
+        self.tokens = TokenClients()
 
     def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerAsyncStub:
         stub = self._stubs.get(endpoint)
@@ -164,6 +167,7 @@ class WorkerChannels:
             await channel.close()
         self._channels.clear()
         self._stubs.clear()
+        await self.tokens.close()
 
 
 class WorkersView:
@@ -269,6 +273,7 @@ class WorkersView:
                 batch_context_tokens=load.batch_context_tokens,
                 queued_prefill_tokens=load.queued_prefill_tokens,
                 dp_rank_running=load.dp_rank_running,
+                token_endpoint=r.token_endpoint,
             )
             cache[wid] = (r, load, key, snap)
             out.append(snap)
@@ -380,6 +385,10 @@ class WorkersView:
                 self.stats_down.discard(worker_id)
                 if all(r.endpoint != rec.endpoint for r in after.values()):
                     await self.channels.drop(rec.endpoint)
+                if rec.token_endpoint and all(
+                    r.token_endpoint != rec.token_endpoint for r in after.values()
+                ):
+                    await self.channels.tokens.drop(rec.token_endpoint)
 
     def _start_stats(self, rec: WorkerRecord) -> None:
         old = self._stats_tasks.pop(rec.worker_id, None)

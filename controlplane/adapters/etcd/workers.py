@@ -36,6 +36,7 @@ def encode_worker(rec: WorkerRecord) -> bytes:
         "long_context_threshold_tokens": rec.long_context_threshold_tokens,
         "chunked_prefill": rec.chunked_prefill,
         "metrics_endpoint": rec.metrics_endpoint,
+        "token_endpoint": rec.token_endpoint,
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
@@ -59,6 +60,7 @@ def decode_worker(raw: bytes) -> WorkerRecord:
             long_context_threshold_tokens=int(doc.get("long_context_threshold_tokens", 0)),
             chunked_prefill=bool(doc.get("chunked_prefill", False)),
             metrics_endpoint=str(doc.get("metrics_endpoint", "")),
+            token_endpoint=str(doc.get("token_endpoint", "")),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidArgument(f"malformed worker record: {e}") from None

@@ -58,14 +58,18 @@ UnaryMethod = Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitabl
 StreamMethod = Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, name: str) -> None:
+def error_status(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for ``exc`` raised by method ``name``
+    (an unexpected error is logged with its traceback and named only by its type)."""
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", name)
-        message = f"internal error in {name}: {type(exc).__name__}"
-    else:
-        message = str(exc)
-    await context.abort(code, message)
+        log.error("%s failed", name, exc_info=exc)
+        return code, f"internal error in {name}: {type(exc).__name__}"
+    return code, str(exc)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, name: str) -> None:
+    await context.abort(*error_status(exc, name))
 
 
 def unary(fn: UnaryMethod[Self, Req, Resp]) -> UnaryMethod[Self, Req, Resp]:
