@@ -100,6 +100,20 @@ def test_block_hashes_chain_and_are_stable_across_processes() -> None:
     assert hash_block(0, (1, 2, 3)) == 0x009E9B1EAA390C12
 
 
+@pytest.mark.parametrize(
+    ("length", "block_size"),
+    [(0, 16), (15, 16), (16, 16), (17, 16), (256, 16), (100, 1), (130, 64), (5, 0)],
+)
+def test_block_hashes_equal_the_block_by_block_chain(length: int, block_size: int) -> None:
+    tokens = tuple((i * 7919 + 13) % 200_000 for i in range(length))
+    expected: list[int] = []
+    parent = 0
+    for start in range(0, length - block_size + 1, block_size) if block_size > 0 else ():
+        parent = hash_block(parent, tokens[start : start + block_size])
+        expected.append(parent)
+    assert hash_blocks(tokens, block_size) == tuple(expected)
+
+
 def test_sampled_tokens_depend_only_on_key_and_position() -> None:
     a = [sample_token("r1", p, 1000) for p in range(50)]
     assert a == [sample_token("r1", p, 1000) for p in range(50)]
