@@ -253,6 +253,7 @@ class TokenClients:
         finally:
             _done(stream)
         if kind != PREFILL_OK:
+            conn.cancel(stream_id)  # a CHUNK does not end a stream: forget it, stop the worker
             raise TokenRpcError(grpc.StatusCode.INTERNAL, f"unexpected frame {kind} to Prefill")
         return worker_pb2.PrefillResponse.FromString(payload)
 
