@@ -62,6 +62,9 @@ META_LEN = struct.Struct("!H")
 MAX_FRAME_BYTES = 64 << 20
 """A DecodeRequest carries the prompt's token ids: 16M tokens at 4 bytes each."""
 
+MAX_COALESCED_FRAMES = 64
+"""Frames held for one write at most; more go out at once."""
+
 # client -> worker
 PREFILL = 1
 DECODE = 2
@@ -246,6 +249,9 @@ class _ServerConnection(asyncio.Protocol):
         if not self.out:
             asyncio.get_running_loop().call_soon(self.flush)
         self.out.append(frame(kind, stream_id, payload))
+        if len(self.out) >= MAX_COALESCED_FRAMES:
+            self.flush()  # an engine yielding without a pause still meets the transport's
+            # high-water mark (pause_writing), so its decode loop waits for the gateway
 
     def flush(self) -> None:
         out, self.out = self.out, []

@@ -40,6 +40,7 @@ from workers.token_transport import (
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+_REPLY_KINDS = frozenset({PREFILL_OK, CHUNK, ERROR, END})
 
 
 class TokenRpcError(Exception):
@@ -120,6 +121,12 @@ class TokenConnection(asyncio.Protocol):
             return
         streams = self.streams
         for kind, stream_id, payload in frames:
+            if kind not in _REPLY_KINDS:
+                log.warning(
+                    "token transport to %s: unknown frame kind %d; closing", self.endpoint, kind
+                )
+                self.close()  # connection_lost fails every open stream UNAVAILABLE
+                return
             stream = streams.get(stream_id)
             if stream is None:
                 continue  # a stream we cancelled: its last frames are dropped

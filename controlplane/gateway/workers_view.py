@@ -373,6 +373,12 @@ class WorkersView:
                     self.kv_sink.forget_worker(worker_id)  # a new process: an empty cache
                 self._start_stats(rec)
         for worker_id, rec in before.items():
+            # a token endpoint no record names any more (its worker left, or restarted on
+            # another port under the same id): close its connection
+            if rec.token_endpoint and all(
+                r.token_endpoint != rec.token_endpoint for r in after.values()
+            ):
+                await self.channels.tokens.drop(rec.token_endpoint)
             if worker_id not in after:
                 log.info("worker %s (%s %s) left", worker_id, rec.model, rec.role)
                 if self.kv_sink is not None:
@@ -385,10 +391,6 @@ class WorkersView:
                 self.stats_down.discard(worker_id)
                 if all(r.endpoint != rec.endpoint for r in after.values()):
                     await self.channels.drop(rec.endpoint)
-                if rec.token_endpoint and all(
-                    r.token_endpoint != rec.token_endpoint for r in after.values()
-                ):
-                    await self.channels.tokens.drop(rec.token_endpoint)
 
     def _start_stats(self, rec: WorkerRecord) -> None:
         old = self._stats_tasks.pop(rec.worker_id, None)

@@ -233,29 +233,14 @@ def good_answer(kind: int, stream_id: int, payload: bytes) -> bytes:
 
 
 PREFILL_REQ = worker_pb2.PrefillRequest(request_id="p", prompt_token_ids=[1], sampling=sampling(2))
-UNKNOWN_KIND_REASON = (
-    "product bug: the wire format (workers/token_transport.py docstring) says an unknown "
-    "kind closes the connection and fails every open stream UNAVAILABLE; "
-    "TokenConnection.data_received instead hands any non-CHUNK kind to the stream as its "
-    "last frame (the call fails INTERNAL 'unexpected frame', the connection stays open; "
-    "for a stream that is not open the frame is silently dropped)"
-)
 
 
 @pytest.mark.parametrize(
     "bad",
     [
         pytest.param(HEADER.pack(MAX_FRAME_BYTES + 1, CHUNK, 1), id="oversized-header"),
-        pytest.param(
-            frame(99, 1, b"?"),
-            id="unknown-kind",
-            marks=pytest.mark.xfail(strict=True, reason=UNKNOWN_KIND_REASON),
-        ),
-        pytest.param(
-            frame(PREFILL, 1, b"\x00\x00"),  # a client -> worker kind
-            id="request-kind",
-            marks=pytest.mark.xfail(strict=True, reason=UNKNOWN_KIND_REASON),
-        ),
+        pytest.param(frame(99, 1, b"?"), id="unknown-kind"),
+        pytest.param(frame(PREFILL, 1, b"\x00\x00"), id="request-kind"),  # client -> worker
     ],
 )
 async def test_a_worker_breaking_the_protocol_fails_unavailable_and_the_client_reconnects(
@@ -394,14 +379,6 @@ async def test_a_worker_that_leaves_takes_its_token_connection_with_it() -> None
             await f.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: WorkersView._replace drops a token connection only when its worker "
-    "id leaves; a record that stays under the same worker id with a new token_endpoint (the "
-    "worker restarted with --worker-id and --token-port 0) leaves the old endpoint's "
-    "connection in WorkerChannels.tokens._conns for good (the gRPC channel of a changed "
-    "endpoint is kept the same way)",
-)
 async def test_a_worker_whose_token_endpoint_changes_drops_the_old_connection() -> None:
     fakes = [await FakeWorker(lambda i, k, s, p: good_answer(k, s, p)).start() for _ in range(2)]
     old, new = (f.endpoint for f in fakes)
