@@ -19,7 +19,8 @@ The client opens with the 4 bytes ``MAGIC``; then both sides send frames::
 
     u32 payload length | u8 kind | u32 stream id | payload      (big endian, 9-byte header)
 
-Stream ids are the client's (unique per connection, never reused). Client -> worker:
+Stream ids are the client's (unique among a connection's open streams; they wrap at 2^32).
+Client -> worker:
 
 - ``PREFILL``: metadata block + ``PrefillRequest``; answered by one ``PREFILL_OK``
   (``PrefillResponse``) or one ``ERROR``.

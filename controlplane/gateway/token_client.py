@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 _REPLY_KINDS = frozenset({PREFILL_OK, CHUNK, ERROR, END})
+MAX_STREAM_ID = 0xFFFF_FFFF
 
 
 class TokenRpcError(Exception):
@@ -146,7 +147,9 @@ class TokenConnection(asyncio.Protocol):
                 grpc.StatusCode.UNAVAILABLE, f"connection to worker {self.endpoint} is closed"
             )
         stream_id = self._next_id
-        self._next_id += 1
+        while stream_id > MAX_STREAM_ID or stream_id in self.streams:  # u32 ids wrap around
+            stream_id = 1 if stream_id > MAX_STREAM_ID else stream_id + 1
+        self._next_id = stream_id + 1
         stream = _Stream()
         if timeout is not None:
             loop = asyncio.get_running_loop()

@@ -3,6 +3,8 @@ payloads (workers/token_transport.py), and how the request path reads its errors
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -199,3 +201,27 @@ def test_the_request_path_reads_token_errors_as_grpc_errors(
 def test_metadata_that_would_not_parse_back_is_refused(pair: tuple[str, str]) -> None:
     with pytest.raises(ValueError, match="newline"):
         encode_metadata([pair])
+
+
+def test_stream_ids_wrap_at_32_bits_and_skip_open_ones() -> None:
+    from controlplane.gateway.token_client import MAX_STREAM_ID, TokenConnection
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+    async def run() -> list[int]:
+        conn = TokenConnection("127.0.0.1:1")
+        conn.connection_made(Sink())  # type: ignore[arg-type]
+        conn._next_id = MAX_STREAM_ID
+        first = conn.open(DECODE, b"", b"\x00\x00", None)
+        second = conn.open(DECODE, b"", b"\x00\x00", None)  # wraps to 1
+        conn._next_id = 1  # 1 is still open: the next free id is 2
+        third = conn.open(DECODE, b"", b"\x00\x00", None)
+        await asyncio.sleep(0)  # the coalesced frames go out
+        return [first, second, third]
+
+    assert asyncio.run(run()) == [MAX_STREAM_ID, 1, 2]
