@@ -18,11 +18,12 @@ requests are replayed with arrival times divided by ``--rate-scale`` (time compr
 
 **Fleet.** ``--fleet`` ``serve-openai --engine sim`` processes (default ``4p4d``: 4 prefill + 4
 decode; a plain number N: N aggregated workers), profile ``llama-3.1-8b-h100`` (prefix caching
-on), each with an OpenAI HTTP port and a Worker gRPC port. The fleet is started afresh for every
-policy (cold prefix caches). ``--speedup`` is the sim's simulated seconds per wall second; a
-value below 1 runs the fleet in slow motion, which keeps the token rate (and so the CPU cost of
-every process in the token path) low on a small machine. Every latency is measured in wall time
-and reported in simulated milliseconds (wall x speedup): what the profiled H100s would show.
+on), each with an OpenAI HTTP port and the Worker API (gRPC and token transport ports). The
+fleet is started afresh for every policy (cold prefix caches). ``--speedup`` is the sim's
+simulated seconds per wall second; a value below 1 runs the fleet in slow motion, which keeps
+the token rate (and so the CPU cost of every process in the token path) low on a small machine.
+Every latency is measured in wall time and reported in simulated milliseconds (wall x speedup):
+what the profiled H100s would show.
 
 **Policies** (``--policies``):
 
@@ -988,7 +989,10 @@ def run_policy(
             asyncio.run(ready(base, key, a.ready_timeout))
             front = Front(fixed_url(base), keys=keys if sb else {}, debug_routes=sb, proc=router)
             if sb:
-                front.note = "gateway --auth tenants: SLA-aware router, workers by role over gRPC"
+                front.note = (
+                    "gateway --auth tenants: SLA-aware router, workers by role (Prefill / Decode "
+                    "over the token transport)"
+                )
             else:
                 front.note = "Rust router, --policy cache_aware over every worker's HTTP URL"
         load0 = os.getloadavg()[0]
