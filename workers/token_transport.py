@@ -45,10 +45,10 @@ import functools
 import logging
 import struct
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from switchboard.v1 import worker_pb2
 
 from controlplane.adapters.grpc.errors import error_status
@@ -265,12 +265,8 @@ class _ServerConnection(asyncio.Protocol):
 
     async def _prefill(self, stream_id: int, payload: bytes) -> None:
         try:
-            metadata, start = _parse_metadata(payload)
-            try:
-                request = worker_pb2.PrefillRequest.FromString(payload[start:])
-            except DecodeError:
-                raise _Malformed("PrefillRequest") from None
-            res = await self.server.service.prefill(request, _Context(metadata))
+            request, context = _parse_request(payload, worker_pb2.PrefillRequest)
+            res = await self.server.service.prefill(request, context)
         except asyncio.CancelledError:
             return  # CANCEL or the connection went away: nobody is waiting for an answer
         except Exception as e:
@@ -280,12 +276,8 @@ class _ServerConnection(asyncio.Protocol):
 
     async def _decode(self, stream_id: int, payload: bytes) -> None:
         try:
-            metadata, start = _parse_metadata(payload)
-            try:
-                request = worker_pb2.DecodeRequest.FromString(payload[start:])
-            except DecodeError:
-                raise _Malformed("DecodeRequest") from None
-            chunks = self.server.service.decode(request, _Context(metadata))
+            request, context = _parse_request(payload, worker_pb2.DecodeRequest)
+            chunks = self.server.service.decode(request, context)
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     self._send(CHUNK, stream_id, chunk.SerializeToString())
@@ -305,13 +297,20 @@ class _Malformed(InvalidArgument):
         super().__init__(f"malformed {message}")
 
 
-def _parse_metadata(payload: bytes) -> tuple[Metadata, int]:
-    """``decode_metadata`` for a request: a bad block is the request's fault
-    (INVALID_ARGUMENT), answered on its stream."""
+RequestT = TypeVar("RequestT", bound=Message)
+
+
+def _parse_request(payload: bytes, message: type[RequestT]) -> tuple[RequestT, _Context]:
+    """A request frame's message and metadata; a bad block or message is the request's fault
+    (INVALID_ARGUMENT, answered on its stream)."""
     try:
-        return decode_metadata(payload)
+        metadata, start = decode_metadata(payload)
     except ProtocolError as e:
         raise _Malformed(f"request frame: {e}") from None
+    try:
+        return message.FromString(payload[start:]), _Context(metadata)
+    except DecodeError:
+        raise _Malformed(message.DESCRIPTOR.name) from None
 
 
 class TokenServer:

@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import cast
 
 import grpc
+from google.protobuf.message import Message
 from switchboard.v1 import worker_pb2
 
 from workers.token_transport import (
@@ -243,6 +244,21 @@ class TokenClients:
             ) from None
         return conn
 
+    async def _open(
+        self,
+        endpoint: str,
+        kind: int,
+        request: Message,
+        deadline_s: float | None,
+        metadata: Iterable[tuple[str, str]] | None,
+    ) -> tuple[TokenConnection, int, _Stream]:
+        """Send ``request`` as a new stream on ``endpoint``'s connection."""
+        conn = await self.connection(endpoint)
+        stream_id = conn.open(
+            kind, request.SerializeToString(), encode_metadata(metadata), deadline_s
+        )
+        return conn, stream_id, conn.streams[stream_id]
+
     async def prefill(
         self,
         endpoint: str,
@@ -251,10 +267,7 @@ class TokenClients:
         deadline_s: float | None = None,
         metadata: Iterable[tuple[str, str]] | None = None,
     ) -> worker_pb2.PrefillResponse:
-        conn = await self.connection(endpoint)
-        message = request.SerializeToString()
-        stream_id = conn.open(PREFILL, message, encode_metadata(metadata), deadline_s)
-        stream = conn.streams[stream_id]
+        conn, stream_id, stream = await self._open(endpoint, PREFILL, request, deadline_s, metadata)
         try:
             kind, payload = await conn.next(stream_id, stream)
         except asyncio.CancelledError:
@@ -277,11 +290,7 @@ class TokenClients:
     ) -> AsyncGenerator[worker_pb2.DecodeChunk, None]:
         """The decode stream's chunks; stopping early (``aclose``, cancellation) cancels it
         on the worker. Ends after the chunk with a finish reason, or without one on END."""
-        conn = await self.connection(endpoint)
-        stream_id = conn.open(
-            DECODE, request.SerializeToString(), encode_metadata(metadata), deadline_s
-        )
-        stream = conn.streams[stream_id]
+        conn, stream_id, stream = await self._open(endpoint, DECODE, request, deadline_s, metadata)
         finished = False
         try:
             while True:
