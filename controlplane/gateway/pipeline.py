@@ -103,6 +103,11 @@ _DecodeCall = AsyncGenerator[worker_pb2.DecodeChunk, None] | grpc.aio.UnaryStrea
 """A decode stream: the token transport's generator or a gRPC call."""
 
 
+OUTPUT_TOKENS_WEIGHT = 0.05
+"""Each completed request's weight in its class's mean output length (the ITL budgets'
+horizon, ``predict.itl_budget_ms``): about the last 20 requests."""
+
+
 class WorkerFailed(Exception):
     """A worker failed this request in a way another worker may not (transport, draining)."""
 
@@ -261,9 +266,13 @@ class Gateway:
         """Recent requests' routing decisions (``GET /debug/requests/{id}``)."""
         self.late_policy = late_policy
         self.late_lane = LateLane(clock=clock)
-        self._decoding: dict[str, dict[int, tuple[TokenTimer, int, float]]] = {}
+        self._decoding: dict[str, dict[int, tuple[TokenTimer, int, float, float]]] = {}
         """worker id -> this gateway's requests decoding there: (timer, max_tokens, ITL target
-        ms) by the request's ``id(Progress)``; their ITL budgets steer local prefills."""
+        ms, expected output tokens) by the request's ``id(Progress)``; their ITL budgets steer
+        local prefills."""
+        self._output_tokens: dict[tuple[str, str], float] = {}
+        """(model, SLA class) -> output tokens of its recent completed requests (an
+        exponentially weighted mean, ``OUTPUT_TOKENS_WEIGHT`` per request)."""
         if sla_router is not None and sla_router.decoding_for is None:
             sla_router.decoding_for = self.decoding_progress
 
@@ -446,8 +455,9 @@ class Gateway:
                 tokens=timer.count,
                 max_tokens=max_tokens,
                 elapsed_ms=0.0 if timer.first is None else (now - timer.first) * 1000.0,
+                expected_tokens=expected,
             )
-            for timer, max_tokens, target in entries.values()
+            for timer, max_tokens, target, expected in entries.values()
         )
 
     def _observe_route(
@@ -520,6 +530,13 @@ class Gateway:
         if progress.timer is not None:
             sla = self.sla_class(model, cls)
             outcome = progress.timer.outcome(self.clock(), error=failed)
+            if not failed and outcome.generated_tokens > 0:
+                key = (model, sla.name)
+                mean = self._output_tokens.get(key)
+                n = float(outcome.generated_tokens)
+                self._output_tokens[key] = (
+                    n if mean is None else mean + OUTPUT_TOKENS_WEIGHT * (n - mean)
+                )
             reason = m.record_slo(tenant, model, sla.name, SloTargets.of(sla), outcome)
             if disconnected:
                 m.child(m.aborts, model, "client_disconnect").inc()
@@ -619,7 +636,8 @@ class Gateway:
                 progress.worker_ids = (*progress.worker_ids, route.decode.worker_id)
                 decoding = self._decoding.setdefault(route.decode.worker_id, {})
                 if itl_target is not None and sampling.max_tokens > 1:  # one token: no ITL
-                    decoding[id(progress)] = (timer, sampling.max_tokens, itl_target)
+                    expected = self._output_tokens.get((model, cls), 0.0)
+                    decoding[id(progress)] = (timer, sampling.max_tokens, itl_target, expected)
                 try:
                     async for chunk in attempt:
                         ids = chunk.token_ids

@@ -13,9 +13,15 @@ from controlplane.core.routing.predict import itl_budget_ms
 from tests.unit.routing_builders import request, worker
 
 
-def progress(tokens: int, max_tokens: int, elapsed_ms: float = 0.0) -> DecodeProgress:
+def progress(
+    tokens: int, max_tokens: int, elapsed_ms: float = 0.0, expected: float = 0.0
+) -> DecodeProgress:
     return DecodeProgress(
-        itl_target_ms=50.0, tokens=tokens, max_tokens=max_tokens, elapsed_ms=elapsed_ms
+        itl_target_ms=50.0,
+        tokens=tokens,
+        max_tokens=max_tokens,
+        elapsed_ms=elapsed_ms,
+        expected_tokens=expected,
     )
 
 
@@ -33,6 +39,11 @@ def progress(tokens: int, max_tokens: int, elapsed_ms: float = 0.0) -> DecodePro
         # the smallest budget wins; one-token requests have none to miss
         ((progress(0, 6), progress(4, 6, 200.0), progress(0, 1)), 2, 30.0),
         ((progress(4, 6, 400.0),), 1, 0.0),  # already past its target: nothing left
+        # its class's requests lately produced 100 tokens: it is expected to last that long
+        ((progress(2, 1000, 20.0, expected=100.0),), 1, 50 * 99 - 20 - 98 * 10),
+        # ... but never past its max_tokens, and never shorter than the own-length guess
+        ((progress(2, 40, 20.0, expected=100.0),), 1, 50 * 39 - 20 - 38 * 10),
+        ((progress(2, 1000, 20.0, expected=5.0),), 1, 50 * 9 - 20 - 8 * 10),
     ],
 )
 def test_itl_budget(

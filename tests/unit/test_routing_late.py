@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.core.routing.late import NO_HOLD, LatePolicy, Prediction
 from controlplane.gateway.late_lane import LateLane
-from controlplane.gateway.pipeline import Gateway
+from controlplane.gateway.pipeline import OUTPUT_TOKENS_WEIGHT, Gateway, Progress
 from controlplane.gateway.routing import Route
 from controlplane.gateway.sla_routing import Held
 from controlplane.gateway.workers_view import LoadReport
@@ -188,8 +188,35 @@ def test_the_gateway_feeds_its_decoding_requests_to_the_routers_itl_budgets() ->
     timer = TokenTimer(gw.clock())
     timer.tokens(1, gw.clock() - 0.2)  # first token 200 ms ago
     timer.tokens(3, gw.clock())
-    gw._decoding["d1"] = {1: (timer, 16, 50.0)}
+    gw._decoding["d1"] = {1: (timer, 16, 50.0, 12.5)}
     (p,) = gw.decoding_progress("d1")
     assert p.tokens == 4 and p.max_tokens == 16 and p.itl_target_ms == 50.0
+    assert p.expected_tokens == 12.5
     assert p.elapsed_ms == pytest.approx(200, abs=50)
     assert gw.decoding_progress("p1") == ()
+
+
+def test_completed_requests_set_their_class_s_expected_output_length() -> None:
+    gw, _ = late_gateway()
+    now = gw.clock()
+
+    def done(tokens: int, *, cls: str = "interactive", failed: bool = False) -> None:
+        progress = Progress(arrived=now)
+        progress.timer = TokenTimer(now)
+        progress.timer.tokens(1, now + 0.05)
+        if tokens > 1:
+            progress.timer.tokens(tokens - 1, now + 0.5)
+        progress.sla_class = cls
+        gw.finish("/v1/completions", "500" if failed else "200", "sim-model", progress,
+                  error=failed)  # fmt: skip
+
+    assert gw._output_tokens == {}
+    done(100)
+    assert gw._output_tokens[("sim-model", "interactive")] == 100.0  # the first sets it
+    done(20)
+    expected = 100.0 + OUTPUT_TOKENS_WEIGHT * (20 - 100)  # then it moves toward each new one
+    assert gw._output_tokens[("sim-model", "interactive")] == pytest.approx(expected)
+    done(1000, failed=True)  # a failed request says nothing about output lengths
+    done(7, cls="standard")  # classes are kept apart
+    assert gw._output_tokens[("sim-model", "interactive")] == pytest.approx(expected)
+    assert gw._output_tokens[("sim-model", "standard")] == 7.0

@@ -202,6 +202,9 @@ class DecodeProgress:
     """The most it may produce (the request's ``max_tokens``)."""
     elapsed_ms: float = 0.0
     """Since its first token (0 before it)."""
+    expected_tokens: float = 0.0
+    """How many output tokens requests like it (its model and class) have produced on
+    average lately; 0: not known."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -105,13 +105,15 @@ def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
     A request with ``k`` tokens, ``elapsed`` ms since its first, and ``n`` tokens in all
     ends with TPOT = (elapsed + stall + (n - k) x step) / (n - 1); its budget is what keeps
     that within the target. ``n`` is not known (it may stop early): it is assumed to produce
-    as many more tokens as it has (at least ``MIN_OUTPUT_HORIZON``), capped by its
+    as many more tokens as it has (at least ``MIN_OUTPUT_HORIZON``), or as many as requests
+    like it produced lately (``expected_tokens``) when that is more, capped by its
     ``max_tokens``. A request whose first token is not back counts from now."""
     if not worker.decoding or len(worker.decoding) < worker.reported_batch:
         return None
     budget: float | None = None
     for d in worker.decoding:
-        n = min(d.max_tokens, d.tokens + max(d.tokens, MIN_OUTPUT_HORIZON))
+        horizon = max(d.tokens + max(d.tokens, MIN_OUTPUT_HORIZON), int(d.expected_tokens))
+        n = min(d.max_tokens, horizon)
         if n < 2:
             continue  # one token: no inter-token latency to miss
         left = n - max(d.tokens, 1)
