@@ -862,9 +862,7 @@ class Gateway:
         # no KV handed over: the decode worker prefills the prompt itself first
         local_prefill = 0 if request.HasField("kv") else len(request.prompt_token_ids)
         with self.view.in_flight(worker.worker_id, prefill_tokens=local_prefill) as pending:
-            call: (
-                AsyncGenerator[worker_pb2.DecodeChunk, None] | grpc.aio.UnaryStreamCall[Any, Any]
-            ) = (
+            call: _DecodeCall = (
                 self.view.channels.tokens.decode(
                     worker.token_endpoint,
                     request,
@@ -890,12 +888,12 @@ class Gateway:
                 finished = True  # the worker's side is over already
                 raise _translate(e, worker.worker_id) from None
             finally:
-                if isinstance(call, grpc.aio.UnaryStreamCall):
-                    if not finished:
-                        call.cancel()
-                else:  # closing an unfinished token stream tells the worker to cancel it
+                if not isinstance(call, grpc.aio.UnaryStreamCall):
+                    # closing an unfinished token stream sends CANCEL: the worker cancels the
+                    # request, which aborts it on the engine and frees its KV
                     await call.aclose()
-                if not finished:  # the consumer stopped early: free the worker's KV
+                elif not finished:  # the consumer stopped early: free the worker's KV
+                    call.cancel()
                     self._abort_later(worker, request.request_id)
 
     async def _decode_unary(
