@@ -215,11 +215,11 @@ async def run_worker(
         metrics=metrics,
         tracer=tracer,
     )
+    listen_host = settings.listen.rpartition(":")[0] or "127.0.0.1"
     metrics_server: MetricsServer | None = None
     metrics_endpoint = ""
     if settings.metrics_port >= 0:
         service.update_gauges()
-        listen_host = settings.listen.rpartition(":")[0] or "127.0.0.1"
         metrics_server = MetricsServer(
             metrics.registry, host=listen_host, port=settings.metrics_port
         )
@@ -229,7 +229,6 @@ async def run_worker(
     token_endpoint = ""
     if settings.token_port >= 0:
         token_server = TokenServer(service)
-        listen_host = settings.listen.rpartition(":")[0] or "127.0.0.1"
         token_port = await token_server.start(listen_host, settings.token_port)
         token_endpoint = f"{settings.advertise_host}:{token_port}"
     server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
