@@ -360,11 +360,13 @@ class Gateway:
         progress: Progress | None = None,
         request_id: str = "",
         hold_late: bool = False,
+        held_s: float = 0.0,
     ) -> Route | Held:
         """Where this attempt goes (see the module docstring, 1.). Reads memory only; the
         decision goes into ``decisions`` under ``request_id``. ``hold_late``: a route whose
         predicted TTFT misses the request's class target is not made (``Held``: nothing is
-        recorded; the caller holds the request in the late lane and routes it again)."""
+        recorded; the caller holds the request in the late lane and routes it again, saying
+        for how long in ``held_s``)."""
         now = self.clock()
         workers = self.view.snapshots(model, lambda w: self.breakers.allows(w, now))
         if not workers and not self.view.has_model(model):
@@ -419,7 +421,9 @@ class Gateway:
             summary = ""
             if explain:
                 shown = "least_loaded" if policy == "least_loaded_fallback" else policy
-                summary = route_summary(route, trace, policy=shown, fallback=fallback)
+                summary = route_summary(
+                    route, trace, policy=shown, fallback=fallback, held_s=held_s
+                )
         if explain and progress is not None:
             progress.route = summary
         if request_id:
@@ -616,8 +620,10 @@ class Gateway:
                 )
                 routed = route_now(hold_late=moves == 0 and self.late_policy.enabled)
                 if isinstance(routed, Held):
-                    await self._hold_late(model, attempt_prompt, remaining, sla_class, tenant)
-                    routed = route_now()
+                    held_s = await self._hold_late(
+                        model, attempt_prompt, remaining, sla_class, tenant
+                    )
+                    routed = route_now(held_s=held_s)
                 assert isinstance(routed, Route)
                 route = routed
                 attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"

@@ -326,7 +326,12 @@ def _clean(text: str) -> str:
 
 
 def route_summary(
-    route: Route | NoRoute, trace: Trace | None = None, *, policy: str = "sla", fallback: str = ""
+    route: Route | NoRoute,
+    trace: Trace | None = None,
+    *,
+    policy: str = "sla",
+    fallback: str = "",
+    held_s: float = 0.0,
 ) -> str:
     """One bounded line: ``policy=sla; decode=d1; prefill=local; by=PrefixOverlap,TtftHeadroom;
     cached=16; filtered=KvHeadroom; why=<the local / remote prefill verdict>``.
@@ -335,7 +340,8 @@ def route_summary(
     runner-up; ``-`` when there was no contest), ``prefill_by`` the prefill stage's, ``cached``
     the decode worker's leading prompt blocks in the prefix index, ``filtered`` the filters that
     rejected some worker (but Role, which always does), ``fallback`` why the SLA router's
-    answer was not used. At most
+    answer was not used, ``held`` how long the late lane held the request before this route
+    (``held_s``; absent when it was not held). At most
     ``MAX_SUMMARY_CHARS`` characters (``why`` comes last, so it is what a cut shortens)."""
     parts = [f"policy={policy}"]
     if isinstance(route, Route):
@@ -345,6 +351,8 @@ def route_summary(
         parts.append("decode=none")
     if fallback:
         parts.append(f"fallback={fallback}")
+    if held_s > 0:
+        parts.append(f"held={held_s * 1000:.0f}ms")
     if trace is not None:
         parts.append(f"by={','.join(trace.decode.deciders()) or '-'}")
         if trace.prefill is not None:

@@ -117,6 +117,9 @@ def test_summary_names_workers_and_deciders_and_is_bounded() -> None:
     assert f"cached={len(hashes)}" in line
     assert "filtered=Serving" in line
     assert "why=" in line
+    assert "held=" not in line
+    held = route_summary(route, trace, held_s=0.2346)
+    assert "; held=235ms; by=" in held  # before the why, which a cut shortens first
     assert route_summary(Route(snap("a"), snap("p", "prefill")), policy="least_loaded") == (
         "policy=least_loaded; decode=a; prefill=p; by=LeastLoaded"
     )

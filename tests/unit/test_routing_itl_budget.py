@@ -4,6 +4,7 @@ prefill rules that read them (rules (d) and (g), ``controlplane/core/routing/rou
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -38,7 +39,11 @@ def progress(
         ((progress(2, 1000, 20.0),), 1, 50 * 9 - 20 - 8 * 10),
         # the smallest budget wins; one-token requests have none to miss
         ((progress(0, 6), progress(4, 6, 200.0), progress(0, 1)), 2, 30.0),
-        ((progress(4, 6, 400.0),), 1, 0.0),  # already past its target: nothing left
+        # already past saving (400 ms for 4 tokens; 2 steps left cannot bring the mean of 5
+        # gaps to 50 ms): it does not count; nothing else there, so no stall breaks anything
+        ((progress(4, 6, 400.0),), 1, math.inf),
+        ((progress(4, 6, 400.0), progress(4, 6, 200.0)), 2, 30.0),  # the one still on pace
+        ((progress(0, 1),), 1, math.inf),  # one-token requests have no ITL to break
         # its class's requests lately produced 100 tokens: it is expected to last that long
         ((progress(2, 1000, 20.0, expected=100.0),), 1, 50 * 99 - 20 - 98 * 10),
         # ... but never past its max_tokens, and never shorter than the own-length guess
@@ -89,3 +94,15 @@ def test_a_prefill_that_breaks_a_budget_goes_remote_even_when_late() -> None:
     # the same request with budget to spare stays local (rule g keeps TTFT)
     roomy = decide((progress(0, 100),), prefill_queue=30_000)
     assert roomy.prefill is None
+
+
+def test_a_request_past_saving_does_not_send_prefills_remote() -> None:
+    # the one request on d1 is far behind (1 s for 5 tokens, one left): it misses its ITL
+    # target whatever happens, so the prefill stays local where its TTFT is met
+    lost = decide((progress(5, 6, 1000.0),), prefill_queue=30_000)
+    v = lost.trace.disaggregation
+    assert lost.prefill is None and v is not None and not v.remote, v
+    assert v.itl_budget_ms == math.inf and "has an ITL target a stall could break" in v.reason
+    # beside a request still on pace the same prefill goes remote to spare it
+    both = decide((progress(5, 6, 1000.0), progress(5, 6, 240.0)), prefill_queue=30_000)
+    assert both.prefill is not None

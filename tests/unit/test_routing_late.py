@@ -168,6 +168,11 @@ async def test_a_late_request_is_held_until_the_queues_leave_room() -> None:
     routed = gw._route_or_hold("sim-model", prompt, 4, frozenset(), False, sla_class="interactive",
                        hold_late=True)  # fmt: skip
     assert isinstance(routed, Route)  # on time now: routed at once
+    # the debug header says how long the late lane held a request
+    progress = Progress(explain_route=True)
+    gw._route_or_hold("sim-model", prompt, 4, frozenset(), False, sla_class="interactive",
+                      progress=progress, held_s=0.25)  # fmt: skip
+    assert "; held=250ms; " in progress.route
 
 
 async def test_a_held_request_goes_after_its_longest_hold() -> None:

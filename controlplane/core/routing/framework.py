@@ -485,7 +485,8 @@ class DisaggregationVerdict:
     steps as a local prefill)."""
     itl_budget_ms: float | None = None
     """The smallest stall any request decoding on the decode worker can absorb and still meet
-    its ITL target (``predict.itl_budget_ms``); None: unknown."""
+    its ITL target (``predict.itl_budget_ms``; ``math.inf``: no request there can still be
+    saved or broken by one); None: unknown."""
 
     @property
     def breaks_itl_budget(self) -> bool:

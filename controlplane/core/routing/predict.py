@@ -16,13 +16,16 @@
   (chunked prefill spreads it over steps; the sum is the same); ``queued_interference_ms``:
   the compute of the prefills already queued there, which rides in the same steps.
 * ``itl_budget_ms``: the longest stall every request this router has decoding on a worker can
-  take and still meet its ITL target (mean inter-token time).
+  take and still meet its ITL target (mean inter-token time); requests that miss it anyway
+  do not count.
 
 A prompt is never fully cached: engines always compute at least its last token, so
 ``cached_tokens`` is capped at ``prompt_tokens - 1``.
 """
 
 from __future__ import annotations
+
+import math
 
 from controlplane.core.routing.framework import RouteRequest, Stage, TimingModel, WorkerState
 
@@ -107,10 +110,16 @@ def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
     that within the target. ``n`` is not known (it may stop early): it is assumed to produce
     as many more tokens as it has (at least ``MIN_OUTPUT_HORIZON``), or as many as requests
     like it produced lately (``expected_tokens``) when that is more, capped by its
-    ``max_tokens``. A request whose first token is not back counts from now."""
+    ``max_tokens``. A request whose first token is not back counts from now.
+
+    A request already behind its target by more than its remaining steps can make up (a
+    negative budget) misses it whatever happens next: no stall can save it, so it does not
+    count. When every request is like that, or has one token, nothing a stall does changes an
+    outcome: the budget is unbounded (``math.inf``). Counting a lost request as a zero budget
+    would send every prefill on its worker remote, late, for nothing."""
     if not worker.decoding or len(worker.decoding) < worker.reported_batch:
         return None
-    budget: float | None = None
+    budget = math.inf
     for d in worker.decoding:
         horizon = max(d.tokens + max(d.tokens, MIN_OUTPUT_HORIZON), int(d.expected_tokens))
         n = min(d.max_tokens, horizon)
@@ -118,8 +127,9 @@ def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
             continue  # one token: no inter-token latency to miss
         left = n - max(d.tokens, 1)
         b = d.itl_target_ms * (n - 1) - d.elapsed_ms - left * step_ms
-        budget = b if budget is None else min(budget, b)
-    return None if budget is None else max(0.0, budget)
+        if b >= 0.0:
+            budget = min(budget, b)
+    return budget
 
 
 def efficient_batch_size(

@@ -31,8 +31,9 @@ c. ``D`` is decoding something (``batch_size > 0``): otherwise a local prefill d
 d. the interference does not fit in the batch's ITL slack. When this router knows every
    request decoding on ``D`` (``WorkerState.decoding``), the slack is their **ITL budgets**
    (``predict.itl_budget_ms``: the smallest stall any of them can take and still meet its
-   target on its mean inter-token time), and the interference counts the compute of the
-   prefills already queued on ``D`` (an engine packs them into the same steps). Otherwise it
+   target on its mean inter-token time; one that misses it anyway does not count), and the
+   interference counts the compute of the prefills already queued on ``D`` (an engine packs
+   them into the same steps). Otherwise it
    is one step's slack, ``itl_target - itl_ms(D)`` less that queued compute (the request's
    class target; no target, no slack): a prefill that fits keeps even a step carrying all of
    it under the target. Short prompts, and long ones mostly cached on ``D``, stop here; a
@@ -68,6 +69,7 @@ broken by the injected ``rng``, so a seeded ``random.Random`` reproduces every d
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -333,6 +335,8 @@ def local_prefill_verdict(
         local = (
             f"prefill {interference:.1f} ms (+{queued:.1f} ms queued) fits the ITL budget "
             f"{budget:.1f} ms of every request decoding on {w.worker_id}"
+            if math.isfinite(budget)
+            else f"no request decoding on {w.worker_id} has an ITL target a stall could break"
         )
     elif interference <= slack:
         local = (
