@@ -45,6 +45,8 @@ class WorkerSnapshot:
     """Requests this gateway has on the worker now."""
     pending_prefill_tokens: int = 0
     """Prompt tokens this gateway sent the worker to prefill, first token not back yet."""
+    pending_prefill_prompts: int = 0
+    """How many prompts those are."""
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     circuit_allows: bool = True

@@ -86,6 +86,7 @@ def worker_state(
         inflight_here=snapshot.inflight_here,
         queued_prefill_tokens=snapshot.queued_prefill_tokens,
         pending_prefill_tokens=snapshot.pending_prefill_tokens,
+        pending_prefill_prompts=snapshot.pending_prefill_prompts,
         # the batch is at least what this gateway has decoding there (reports lag)
         batch_size=max(snapshot.batch_size or snapshot.running, snapshot.inflight_here),
         context_tokens=snapshot.batch_context_tokens,

@@ -106,23 +106,40 @@ class LoadReport:
 
 
 class PendingPrefill:
-    """One request's prompt tokens counted as pending prefill on a worker, until ``done``."""
+    """One request's prompt counted as pending prefill on a worker, until ``done``: its tokens
+    in ``pending``, and one prompt in ``prompts`` when given."""
 
-    __slots__ = ("_pending", "_tokens", "_worker_id")
+    __slots__ = ("_pending", "_prompts", "_tokens", "_worker_id")
 
-    def __init__(self, pending: dict[str, int], worker_id: str, tokens: int) -> None:
+    def __init__(
+        self,
+        pending: dict[str, int],
+        worker_id: str,
+        tokens: int,
+        prompts: dict[str, int] | None = None,
+    ) -> None:
         self._pending, self._worker_id, self._tokens = pending, worker_id, tokens
+        self._prompts = prompts
         if tokens > 0:
-            pending[worker_id] = pending.get(worker_id, 0) + tokens
+            _add(pending, worker_id, tokens)
+            if prompts is not None:
+                _add(prompts, worker_id, 1)
 
     def done(self) -> None:
         if self._tokens > 0:
-            left = self._pending.get(self._worker_id, 0) - self._tokens
-            if left > 0:
-                self._pending[self._worker_id] = left
-            else:
-                self._pending.pop(self._worker_id, None)
+            _add(self._pending, self._worker_id, -self._tokens)
+            if self._prompts is not None:
+                _add(self._prompts, self._worker_id, -1)
             self._tokens = 0
+
+
+def _add(counts: dict[str, int], key: str, n: int) -> None:
+    """``counts[key] += n``, the key gone when it reaches 0."""
+    left = counts.get(key, 0) + n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 _NO_LOAD = LoadReport()
@@ -202,8 +219,10 @@ class WorkersView:
         self.inflight: dict[str, int] = {}
         self.pending_prefill: dict[str, int] = {}
         """Prompt tokens sent to each worker to prefill whose first token is not back."""
+        self.pending_prompts: dict[str, int] = {}
+        """How many prompts those are."""
         self._snapshot_cache: dict[
-            str, tuple[WorkerRecord, LoadReport, tuple[int, int, bool, bool], WorkerSnapshot]
+            str, tuple[WorkerRecord, LoadReport, tuple[int, int, int, bool, bool], WorkerSnapshot]
         ] = {}
         """Each worker's last snapshot and what it was built from (``snapshots``)."""
         self._stats_tasks: dict[str, asyncio.Task[None]] = {}
@@ -246,6 +265,7 @@ class WorkersView:
             key = (
                 self.inflight.get(wid, 0),
                 self.pending_prefill.get(wid, 0),
+                self.pending_prompts.get(wid, 0),
                 circuit_allows(wid),
                 wid in self.stats_down,
             )
@@ -253,7 +273,7 @@ class WorkersView:
             if hit is not None and hit[0] is r and hit[1] is load and hit[2] == key:
                 out.append(hit[3])
                 continue
-            inflight, pending, allows, down = key
+            inflight, pending, prompts, allows, down = key
             snap = WorkerSnapshot(
                 worker_id=wid,
                 endpoint=r.endpoint,
@@ -263,6 +283,7 @@ class WorkersView:
                 waiting=load.waiting,
                 inflight_here=inflight,
                 pending_prefill_tokens=pending,
+                pending_prefill_prompts=prompts,
                 kv_blocks_used=load.kv_blocks_used,
                 kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
                 circuit_allows=allows,
@@ -295,7 +316,7 @@ class WorkersView:
         count its prompt as pending prefill there until ``mark.done()`` (its first token) or
         the end, whichever is first."""
         self.inflight[worker_id] = self.inflight.get(worker_id, 0) + 1
-        mark = PendingPrefill(self.pending_prefill, worker_id, prefill_tokens)
+        mark = PendingPrefill(self.pending_prefill, worker_id, prefill_tokens, self.pending_prompts)
         try:
             yield mark
         finally:

@@ -81,16 +81,25 @@ def test_a_prefill_that_fits_every_budget_stays_local_past_one_steps_slack() -> 
     assert "fits the ITL budget" in v.reason and v.itl_budget_ms is not None
 
 
-def test_a_prefill_that_breaks_a_budget_goes_remote_even_when_late() -> None:
-    # one request on d1 has 1 token left and is on the edge of its target: no budget.
+def test_a_prefill_that_breaks_budgets_goes_remote_even_when_late() -> None:
+    # two requests on d1 have 1 token left and are on the edge of their target: no budget.
     # p1's queue makes the remote prefill miss the 500 ms TTFT target, which would keep a
-    # local one (rule g) were it not for that budget
-    nearly_done = (progress(5, 6, 240.0),)
+    # local one (rule g) were it not for those budgets: two misses against one
+    nearly_done = (progress(5, 6, 240.0), progress(5, 6, 240.0))
     d = decide(nearly_done, prefill_queue=30_000)
     v = d.trace.disaggregation
     assert d.prefill is not None and d.prefill.worker_id == "p1", v
-    assert v is not None and v.remote and v.breaks_itl_budget
-    assert "smallest ITL budget" in v.reason
+    assert v is not None and v.remote and v.breaks_itl_budget and v.itl_breaks == 2
+    assert "smallest ITL budget" in v.reason and "(2 past it)" in v.reason
+    # with the prefill pool idle the remote prefill is on time: remote for one budget too
+    idle = decide(nearly_done[:1])
+    assert idle.prefill is not None and idle.trace.disaggregation is not None
+    assert idle.trace.disaggregation.itl_breaks == 1
+    # one budget against a late remote first token: one miss either way, local it stays
+    one = decide(nearly_done[:1], prefill_queue=30_000)
+    v = one.trace.disaggregation
+    assert one.prefill is None and v is not None and not v.remote and v.itl_breaks == 1, v
+    assert "for one request's ITL" in v.reason
     # the same request with budget to spare stays local (rule g keeps TTFT)
     roomy = decide((progress(0, 100),), prefill_queue=30_000)
     assert roomy.prefill is None
@@ -103,6 +112,9 @@ def test_a_request_past_saving_does_not_send_prefills_remote() -> None:
     v = lost.trace.disaggregation
     assert lost.prefill is None and v is not None and not v.remote, v
     assert v.itl_budget_ms == math.inf and "has an ITL target a stall could break" in v.reason
-    # beside a request still on pace the same prefill goes remote to spare it
-    both = decide((progress(5, 6, 1000.0), progress(5, 6, 240.0)), prefill_queue=30_000)
-    assert both.prefill is not None
+    # beside requests still on pace the same prefill goes remote to spare them; the lost one
+    # is not counted among those it would break
+    on_pace = (progress(5, 6, 1000.0), progress(5, 6, 240.0), progress(5, 6, 240.0))
+    both = decide(on_pace, prefill_queue=30_000)
+    assert both.prefill is not None and both.trace.disaggregation is not None
+    assert both.trace.disaggregation.itl_breaks == 2

@@ -232,6 +232,9 @@ class WorkerState:
     pending_prefill_tokens: int = 0
     """Prompt tokens this router sent to the worker whose first token has not come back: a
     floor for its prefill queue that is never stale (reports are up to one interval old)."""
+    pending_prefill_prompts: int = 0
+    """How many prompts those tokens are (each is its own prefill: attention is per prompt);
+    0 with tokens pending: one."""
     batch_size: int = 0
     """Sequences in the worker's decode batch now."""
     context_tokens: int = 0
@@ -487,6 +490,9 @@ class DisaggregationVerdict:
     """The smallest stall any request decoding on the decode worker can absorb and still meet
     its ITL target (``predict.itl_budget_ms``; ``math.inf``: no request there can still be
     saved or broken by one); None: unknown."""
+    itl_breaks: int = 0
+    """How many of those requests the local prefill (with the queued ones) would push past
+    their ITL target."""
 
     @property
     def breaks_itl_budget(self) -> bool:

@@ -2,9 +2,10 @@
 
 * ``queue_ms``: the prefill work waiting ahead on the worker. With ``queued_prefill_tokens``
   known, ``waiting`` prompts of the mean queued size, each a prefill pass of its own; unknown,
-  each waiting request is assumed to be as long as this one. Either way at least one prefill
-  pass over ``pending_prefill_tokens``, the prompts this router sent that have not come back
-  with a first token (what the worker's next report will show).
+  each waiting request is assumed to be as long as this one. Either way at least the
+  prompts this router sent that have not come back with a first token
+  (``pending_prefill_tokens`` over ``pending_prefill_prompts``, each a pass of its own: what
+  the worker's next report will show).
 * ``ttft_ms``, decode stage (the worker prefills locally): queue + the uncached part of the
   prompt's prefill + one decode step of its current batch (the prefill rides in a step of that
   batch; an idle worker has none).
@@ -35,19 +36,31 @@ def cached_tokens(request: RouteRequest, cached_blocks: int) -> int:
     return max(0, min(cached_blocks * request.block_size, request.prompt_tokens - 1))
 
 
+def _prompts_ms(timing: TimingModel, tokens: int, prompts: int, *, passes: bool) -> float:
+    """``tokens`` of prompts, ``prompts`` of them (at least one), each of the mean size:
+    attention is per prompt, so their cost is not that of one prompt of all the tokens (which
+    would count the cross-prompt pairs: 1.3x too much for twenty 1k prompts, 1.8x for three
+    30k ones). ``passes``: each with the per-pass overhead (``prefill_ms``), else compute only
+    (``prefill_compute_ms``)."""
+    if tokens <= 0:
+        return 0.0
+    n = max(prompts, 1)
+    size = -(-tokens // n)
+    each = timing.prefill_ms(size, 0) if passes else timing.prefill_compute_ms(size, 0)
+    return n * each
+
+
 def queue_ms(request: RouteRequest, worker: WorkerState) -> float:
     """Predicted wait for the prefills queued ahead of this request on ``worker``: from its
     last report, but never less than this router's own prefills still pending there."""
     t = worker.timing
-    pending = worker.pending_prefill_tokens
-    floor = t.prefill_ms(pending, 0) if pending > 0 else 0.0
+    floor = _prompts_ms(
+        t, worker.pending_prefill_tokens, worker.pending_prefill_prompts, passes=True
+    )
     queued = worker.queued_prefill_tokens
     if queued is None:
         return max(floor, worker.waiting * t.prefill_ms(request.prompt_tokens, 0))
-    if queued <= 0:
-        return floor
-    prompts = max(worker.waiting, 1)
-    return max(floor, prompts * t.prefill_ms(-(-queued // prompts), 0))
+    return max(floor, _prompts_ms(t, queued, worker.waiting, passes=True))
 
 
 def transfer_ms(request: RouteRequest, worker: WorkerState) -> float:
@@ -90,20 +103,24 @@ def queued_interference_ms(request: RouteRequest, worker: WorkerState) -> float:
     reported = worker.queued_prefill_tokens
     if reported is None:
         reported = worker.waiting * request.prompt_tokens
-    tokens = max(reported, worker.pending_prefill_tokens)
-    return worker.timing.prefill_compute_ms(tokens, 0) if tokens > 0 else 0.0
+    t = worker.timing
+    return max(
+        _prompts_ms(t, reported, worker.waiting, passes=False),
+        _prompts_ms(t, worker.pending_prefill_tokens, worker.pending_prefill_prompts, passes=False),
+    )
 
 
 MIN_OUTPUT_HORIZON = 8
 """Tokens a decoding request is assumed to have left at least (``itl_budget_ms``)."""
 
 
-def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
-    """The longest stall (ms) every request this router has decoding on ``worker`` can absorb
+def itl_budgets_ms(worker: WorkerState, step_ms: float) -> tuple[float, ...] | None:
+    """The longest stall (ms) each request this router has decoding on ``worker`` can absorb
     and still meet its ITL target, judged on its mean inter-token time (TPOT), as ``vllm
-    bench serve`` 's goodput and the gateway's SLO judge it. None when unknown: nothing tracked
-    there, or the worker's last report shows more sequences than this router knows of (other
-    gateways' requests, whose budgets it cannot see).
+    bench serve`` 's goodput and the gateway's SLO judge it; only the requests a stall could
+    still break. None when unknown: nothing tracked there, or the worker's last report shows
+    more sequences than this router knows of (other gateways' requests, whose budgets it
+    cannot see).
 
     A request with ``k`` tokens, ``elapsed`` ms since its first, and ``n`` tokens in all
     ends with TPOT = (elapsed + stall + (n - k) x step) / (n - 1); its budget is what keeps
@@ -113,13 +130,12 @@ def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
     ``max_tokens``. A request whose first token is not back counts from now.
 
     A request already behind its target by more than its remaining steps can make up (a
-    negative budget) misses it whatever happens next: no stall can save it, so it does not
-    count. When every request is like that, or has one token, nothing a stall does changes an
-    outcome: the budget is unbounded (``math.inf``). Counting a lost request as a zero budget
-    would send every prefill on its worker remote, late, for nothing."""
+    negative budget) misses it whatever happens next: no stall can save it, so it is left
+    out, as are one-token requests (no inter-token latency). Counting a lost request as a
+    zero budget would send every prefill on its worker remote, late, for nothing."""
     if not worker.decoding or len(worker.decoding) < worker.reported_batch:
         return None
-    budget = math.inf
+    budgets = []
     for d in worker.decoding:
         horizon = max(d.tokens + max(d.tokens, MIN_OUTPUT_HORIZON), int(d.expected_tokens))
         n = min(d.max_tokens, horizon)
@@ -128,8 +144,15 @@ def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
         left = n - max(d.tokens, 1)
         b = d.itl_target_ms * (n - 1) - d.elapsed_ms - left * step_ms
         if b >= 0.0:
-            budget = min(budget, b)
-    return budget
+            budgets.append(b)
+    return tuple(budgets)
+
+
+def itl_budget_ms(worker: WorkerState, step_ms: float) -> float | None:
+    """The smallest of ``itl_budgets_ms``: the longest stall every request on ``worker`` that
+    a stall could still break can take; ``math.inf`` when there is none, None when unknown."""
+    budgets = itl_budgets_ms(worker, step_ms)
+    return None if budgets is None else min(budgets, default=math.inf)
 
 
 def efficient_batch_size(

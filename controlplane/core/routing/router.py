@@ -44,8 +44,10 @@ f. some prefill worker passes the prefill stage's filters;
 g. the remote prefill would not miss a TTFT target that the local one meets (``P``'s
    predicted TTFT, with the transfer, against ``D``'s local one); after (b) sent it here
    (the local one misses), the remote one must be sooner than the local one. Neither keeps
-   it local when the local prefill would break a decoding request's ITL budget: one late
-   first token costs less than several requests' ITL (the late lane may hold it).
+   it local when the local prefill would break two or more decoding requests' ITL budgets:
+   one late first token costs less than several requests' ITL (the late lane may hold it).
+   Breaking one is a tie (one miss either way): a local prefill that meets the TTFT target
+   then stays local, sparing the prefill pool a late prompt.
 
 With ``llama-3.1-8b-h100`` and the interactive class (ITL 50 ms) beside a batch of 16 at 1k
 context, (d) keeps prompts up to about 1.3k uncached tokens local.
@@ -318,9 +320,18 @@ def local_prefill_verdict(
     # the prefills already queued on D ride in the same steps: they used that slack first
     queued = predict.queued_interference_ms(request, w) if w.batch_size > 0 else 0.0
     slack = 0.0 if target is None else target - decode.itl_ms - queued
-    budget = predict.itl_budget_ms(w, decode.itl_ms)
+    budgets = predict.itl_budgets_ms(w, decode.itl_ms)
+    budget = None if budgets is None else min(budgets, default=math.inf)
+    breaks = 0 if budgets is None else sum(b < interference + queued for b in budgets)
     numbers = DisaggregationVerdict(
-        False, "", interference, slack, transfer, queued_ms=queued, itl_budget_ms=budget
+        False,
+        "",
+        interference,
+        slack,
+        transfer,
+        queued_ms=queued,
+        itl_budget_ms=budget,
+        itl_breaks=breaks,
     )
     if w.batch_size <= 0:
         local = "decode batch empty: delays no one"
@@ -330,7 +341,8 @@ def local_prefill_verdict(
                 numbers,
                 remote=True,
                 reason=f"prefill {interference:.1f} ms (+{queued:.1f} ms queued) > the "
-                f"smallest ITL budget {budget:.1f} ms of the requests decoding on {w.worker_id}",
+                f"smallest ITL budget {budget:.1f} ms of the requests decoding on {w.worker_id}"
+                f" ({breaks} past it)",
             )
         local = (
             f"prefill {interference:.1f} ms (+{queued:.1f} ms queued) fits the ITL budget "
@@ -375,7 +387,21 @@ def remote_prefill_verdict(
         return dataclasses.replace(verdict, remote=False, reason="no prefill worker can take it")
     target = request.ttft_target_ms
     if verdict.breaks_itl_budget:
-        # a local prefill would push a decoding request past its ITL target: remote, even
+        if (
+            verdict.itl_breaks <= 1
+            and target is not None
+            and prefill.ttft_ms > target >= (decode.ttft_ms)
+        ):
+            # one miss either way: this request's first token, or one decoding request's
+            # ITL; the local prefill spares the prefill pool the late work
+            return dataclasses.replace(
+                verdict,
+                remote=False,
+                reason=f"{verdict.reason}, but remote TTFT {prefill.ttft_ms:.1f} ms on "
+                f"{prefill.worker_id} would miss the {target:.0f} ms target that local "
+                f"{decode.ttft_ms:.1f} ms meets, for one request's ITL",
+            )
+        # a local prefill would push decoding requests past their ITL target: remote, even
         # late (the gateway's late lane may then hold it until a prefill worker has room)
         return dataclasses.replace(
             verdict, reason=f"{verdict.reason}; remote TTFT {prefill.ttft_ms:.1f} ms"
