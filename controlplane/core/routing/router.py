@@ -33,11 +33,11 @@ d. the interference does not fit in the batch's ITL slack. When this router know
    (``predict.itl_budget_ms``: the smallest stall any of them can take and still meet its
    target on its mean inter-token time; one that misses it anyway does not count), and the
    interference counts the compute of the prefills already queued on ``D`` (an engine packs
-   them into the same steps). Otherwise it
-   is one step's slack, ``itl_target - itl_ms(D)`` less that queued compute (the request's
-   class target; no target, no slack): a prefill that fits keeps even a step carrying all of
-   it under the target. Short prompts, and long ones mostly cached on ``D``, stop here; a
-   burst of them on one decode worker does not, once its queue has used the slack;
+   them into the same steps). Otherwise it is one step's slack, ``itl_target - itl_ms(D)``
+   less that queued compute (the request's class target; no target, no slack): a prefill that
+   fits keeps even a step carrying all of it under the target. Short prompts, and long ones
+   mostly cached on ``D``, stop here; a burst of them on one decode worker does not, once its
+   queue has used the slack;
 e. the interference exceeds the transfer: the hand-off must cost less than what it saves
    (not asked when the budgets are known: they decided (d));
 f. some prefill worker passes the prefill stage's filters;
@@ -390,7 +390,7 @@ def remote_prefill_verdict(
         if (
             verdict.itl_breaks <= 1
             and target is not None
-            and prefill.ttft_ms > target >= (decode.ttft_ms)
+            and prefill.ttft_ms > target >= decode.ttft_ms
         ):
             # one miss either way: this request's first token, or one decoding request's
             # ITL; the local prefill spares the prefill pool the late work
