@@ -315,17 +315,13 @@ class WorkersView:
         """Count a request on ``worker_id`` for its duration; with ``prefill_tokens``, also
         count its prompt as pending prefill there until ``mark.done()`` (its first token) or
         the end, whichever is first."""
-        self.inflight[worker_id] = self.inflight.get(worker_id, 0) + 1
+        _add(self.inflight, worker_id, 1)
         mark = PendingPrefill(self.pending_prefill, worker_id, prefill_tokens, self.pending_prompts)
         try:
             yield mark
         finally:
             mark.done()
-            n = self.inflight.get(worker_id, 1) - 1
-            if n > 0:
-                self.inflight[worker_id] = n
-            else:
-                self.inflight.pop(worker_id, None)
+            _add(self.inflight, worker_id, -1)
 
     # --- the loops ------------------------------------------------------------------------------
 
