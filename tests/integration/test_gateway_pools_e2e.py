@@ -6,8 +6,8 @@ gateway with tenants, requests over HTTP.
 
 * the gateway runs a ``--routing-profiles`` file with a profile for the deployment's
   interactive class;
-* a 40k-token prompt goes to the long-context worker, which prefills it itself (not the base
-  pool's prefill worker); while it does,
+* a 40k-token prompt goes to the long-context worker, which prefills it itself (the base
+  pool has one prefill worker, which is never lent); while it does,
   that worker's load reports carry the queued prefill tokens, and short interactive requests go
   to the decode workers and all finish while the long prefill is still running (they do
   not wait behind it);
@@ -227,7 +227,9 @@ def test_the_decision_trace_names_the_plugins_and_is_the_tenants_own(cluster: Cl
     assert {r["worker"]: r["plugin"] for r in decode_stage["rejections"]} == {
         "d-0": "LongContext", "d-1": "LongContext", "p-0": "Role",
     }  # fmt: skip
-    assert route["prefill_verdict"]["reason"] == "the long-context pool prefills its own prompts"
+    assert route["prefill_verdict"]["reason"] == (  # one base prefill worker: never lent
+        "the long-context pool prefills its own prompts: no base-pool prefill worker to lend"
+    )
     status, body = get_json(f"{c.base_url}/debug/requests/short-0", c.keys["acme"])
     assert status == 200
     short = body["routes"][0]

@@ -3,6 +3,7 @@ driven on hand-built workers (real 8B H100 / Mixtral timing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -152,12 +153,106 @@ def test_a_long_prompt_goes_to_the_pool_and_prefills_there() -> None:
     d = decided(long_req, ws)
     assert (d.prefill, d.decode.worker_id) == (None, "lc1")
     assert d.trace.disaggregation is not None
-    assert d.trace.disaggregation.reason == "the long-context pool prefills its own prompts"
+    assert d.trace.disaggregation.reason == (
+        "the long-context pool prefills its own prompts: no base-pool prefill worker to lend"
+    )
     assert {r.worker_id: r.plugin for r in d.trace.decode.rejections} == {
         "d1": "LongContext", "p1": "Role",
     }  # fmt: skip
     # a short interactive request stays off the pool, though lc1's batch is smaller
     assert route(with_facts(request(200), LC), ws)[1] == "d1"
+
+
+LC_BUSY: dict[str, Any] = {
+    "waiting": 1,
+    "queued_prefill_tokens": 60_000,
+}  # prefilling a long prompt itself
+LONG_QUEUED: dict[str, Any] = {"pending_prefill_tokens": 40_000, "pending_prefill_prompts": 1}
+
+
+@pytest.mark.parametrize(
+    ("lc", "prefills", "expected", "rejected"),
+    [
+        # the pool's worker is busy with another long prompt, two idle base prefill workers:
+        # one is lent (the rng breaks the tie between equals), the other stays for the base pool
+        (LC_BUSY, {"p1": {}, "p2": {}}, {"p1", "p2"}, {}),
+        # one of them busy with short prompts: the idle one is lent
+        (LC_BUSY, {"p1": {"pending_prefill_tokens": 2_000}, "p2": {}}, {"p2"},
+         {"p1": "busy (2000 prompt tokens queued, 0 waiting)"}),
+        (LC_BUSY, {"p1": {"waiting": 2}, "p2": {}}, {"p2"},
+         {"p1": "busy (0 prompt tokens queued, 2 waiting)"}),
+        # one already holds a long prompt: the other is the base pool's last one, not lent
+        (LC_BUSY, {"p1": LONG_QUEUED, "p2": {}}, {None},
+         {"p1": "busy (40000 prompt tokens queued, 0 waiting)",
+          "p2": "the base pool's last prefill worker free of long prompts"}),
+        # a base pool of one prefill worker never lends it
+        (LC_BUSY, {"p1": {}}, {None},
+         {"p1": "the base pool's last prefill worker free of long prompts"}),
+        # both busy: nobody to lend
+        (LC_BUSY, {"p1": {"waiting": 1}, "p2": {"queued_prefill_tokens": 900}}, {None},
+         {"p1": "busy (0 prompt tokens queued, 1 waiting)",
+          "p2": "busy (900 prompt tokens queued, 0 waiting)"}),
+        # a draining one does not count as free: the other is the last
+        (LC_BUSY, {"p1": {"serving": False}, "p2": {}}, {None},
+         {"p2": "the base pool's last prefill worker free of long prompts"}),
+        # the pool's worker is idle: its own prefill is sooner than any hand-off (rule (g))
+        ({}, {"p1": {}, "p2": {}}, {None}, {}),
+    ],
+)  # fmt: skip
+def test_a_pool_without_prefill_workers_borrows_an_idle_base_prefill_worker(
+    lc: dict[str, Any],
+    prefills: dict[str, dict[str, Any]],
+    expected: set[str | None],
+    rejected: dict[str, str],
+) -> None:
+    ws = [
+        worker("d1", pool="decode"),
+        worker("lc1", pool="long_context", kv_blocks_total=40_000, **lc),
+        *(worker(p, "prefill", pool="prefill", **kw) for p, kw in prefills.items()),
+    ]
+    long_req = with_facts(request(40_000, sla=SLA["standard"]), LC)
+    for seed in range(4):
+        d = decided(long_req, ws, seed)
+        assert d.decode.worker_id == "lc1"
+        assert (d.prefill.worker_id if d.prefill else None) in expected
+    verdict = d.trace.disaggregation
+    assert verdict is not None
+    if d.prefill is not None:
+        assert verdict.remote and verdict.local_ttft_miss, verdict.reason
+        assert d.trace.prefill is not None
+        assert {r.worker_id: r.reason for r in d.trace.prefill.rejections if
+                r.plugin == "LongContext"} == {p: f"{why}: not lent to the long_context pool"
+                                               for p, why in rejected.items()}  # fmt: skip
+    elif rejected:  # nobody to lend: the pool prefills itself, before any prefill stage
+        assert verdict.reason.endswith(": no base-pool prefill worker to lend")
+        assert d.trace.prefill is None
+    else:
+        assert "is no sooner" in verdict.reason, verdict.reason
+
+
+def test_a_lent_prefill_worker_holds_the_long_prompt_so_the_next_one_stays_in_the_pool() -> None:
+    """After the router lends p1, its pending long prompt makes p2 the base pool's last free
+    prefill worker: a second long prompt waits for the pool; a short one still gets p2."""
+    ws = [
+        worker("d1", pool="decode", batch_size=8, running=8, context_tokens=16_000),
+        worker("lc1", pool="long_context", kv_blocks_total=40_000, **LC_BUSY),
+        worker("p1", "prefill", pool="prefill"),
+        worker("p2", "prefill", pool="prefill"),
+    ]
+    first = decided(with_facts(request(40_000, sla=SLA["standard"]), LC), ws)
+    assert first.prefill is not None
+    lent = first.prefill.worker_id
+    ws = [
+        dataclasses.replace(w, pending_prefill_tokens=40_000, pending_prefill_prompts=1)
+        if w.worker_id == lent
+        else w
+        for w in ws
+    ]
+    second = decided(with_facts(request(50_000, sla=SLA["standard"]), LC), ws)
+    assert (second.prefill, second.decode.worker_id) == (None, "lc1")
+    short = decided(with_facts(request(3_000), LC), ws)
+    assert short.decode.worker_id == "d1"
+    assert short.prefill is not None and short.prefill.worker_id != lent
 
 
 def test_interactive_requests_avoid_a_worker_busy_with_a_long_prefill() -> None:

@@ -22,7 +22,8 @@ prompt-length constant. The prefill is **remote** only when every one of these h
 in order (the first that fails keeps it local, and the trace says which):
 
 a. the caller did not ask for an aggregated route, and the model has a prefill worker (for a
-   decode worker of the long-context pool: the pool has one);
+   decode worker of the long-context pool: the pool has one, or the base pool can lend one,
+   ``lendable_prefill_workers``: an idle one, while another stays free of long prompts);
 b. ``D``'s own predicted TTFT (its prefill queue, then this prompt) misses the request's TTFT
    target, or (c)-(e) all hold. A miss overrides (c)-(e), leaving (f) and (g) to decide: a
    sooner prefill worker takes the prompt instead of a queue on ``D``, so a burst spreads
@@ -54,9 +55,15 @@ context, (d) keeps prompts up to about 1.3k uncached tokens local.
 
 **Long context**: with a threshold (the deployment's, ``DeploymentFacts``), a prompt at or
 above it goes only to workers of the ``long_context`` pool whenever the pool has a usable
-worker, and is prefilled there (no remote prefill); without one, to workers whose engine
-prefills in chunks, with KV room. Shorter prompts stay off the pool while other workers can
-take them (``LongContextFilter`` then ``KvHeadroomFilter``).
+worker; without one, to workers whose engine prefills in chunks, with KV room. Shorter prompts
+stay off the pool while other workers can take them (``LongContextFilter`` then
+``KvHeadroomFilter``). A pool without prefill workers prefills its long prompts on its decode
+workers, one after another, unless the base pool lends an **idle** prefill worker (rule (a)):
+then rules (b)-(g) decide as for any prompt, so a long prompt goes there when the pool's own
+queue makes the hand-off sooner (or its prefill would break the ITL of the pool's decoding
+requests). Only an idle worker is lent, so no interactive prompt waits behind the long one,
+and never the base pool's last prefill worker free of long prompts; interactive prompts that
+come later route around the lent worker on its predicted TTFT.
 
 **Profiles**: which scorers and weights run in each stage comes from a ``ProfileTable`` per
 deployment and SLA class (``profiles.py``; MoE deployments get the MoE default: batch packing
@@ -190,20 +197,37 @@ class SlaAwareRouter:
             reasons = tuple(str(r) for r in decode_trace.rejections)
             return Unroutable(reasons, Trace(decode_trace))
 
+        lent: list[WorkerState] | None = None  # None: D may use any prefill worker
+        borrowed: tuple[Rejection, ...] = ()
+        pool_prefill = any(w.role == PREFILL and w.pool == LONG_CONTEXT_POOL for w in ordered)
+        if d.worker.pool == LONG_CONTEXT_POOL and not pool_prefill:
+            lent, borrowed = lendable_prefill_workers(request, ordered, exclude)
         verdict = local_prefill_verdict(
             request,
             d,
             aggregated=aggregated,
             has_prefill=any(w.role == PREFILL for w in ordered),
-            pool_has_prefill=any(
-                w.role == PREFILL and w.pool == LONG_CONTEXT_POOL for w in ordered
-            ),
+            pool_has_prefill=pool_prefill,
+            lendable=None if lent is None else len(lent),
         )
         if verdict.remote is False:
             return Decision(d.worker, None, Trace(decode_trace, verdict))
 
         prefill_ctx = RouteContext(Stage.PREFILL, cached, exclude, tenants)
-        p, prefill_trace = run_stage(prefill_profile, request, ordered, prefill_ctx, rng, clock)
+        stage_workers = ordered
+        if lent is not None:  # the base pool's prefill workers that were not lent sit it out
+            refused = {r.worker_id for r in borrowed}
+            stage_workers = [w for w in ordered if w.worker_id not in refused]
+        p, prefill_trace = run_stage(
+            prefill_profile, request, stage_workers, prefill_ctx, rng, clock
+        )
+        if borrowed:
+            prefill_trace = dataclasses.replace(
+                prefill_trace,
+                rejections=tuple(
+                    sorted(prefill_trace.rejections + borrowed, key=lambda r: r.worker_id)
+                ),
+            )
         verdict = remote_prefill_verdict(request, d, p, verdict)
         trace = Trace(decode_trace, verdict, prefill_trace)
         if p is None or not verdict.remote:
@@ -295,6 +319,49 @@ def run_stage(
     return (None if chosen is None else candidates[chosen]), trace
 
 
+def lendable_prefill_workers(
+    request: RouteRequest, workers: Sequence[WorkerState], exclude: frozenset[str] = frozenset()
+) -> tuple[list[WorkerState], tuple[Rejection, ...]]:
+    """The base-pool prefill workers a long-context pool without prefill workers of its own
+    may borrow for ``request`` (rule (a)), and a ``LongContext`` rejection for each other one.
+
+    A worker is lent only when it is **idle** (no prompt queued or pending there, by its
+    report and by this router's own count: the long prefill then makes no interactive prompt
+    wait behind it; later ones route around it on its predicted TTFT) and **another** base
+    prefill worker stays free of long prompts (its backlog under the deployment's
+    long-context threshold): the base pool always keeps a prefill worker for its own traffic.
+    Whether a lent worker is worth the KV hand-off is rules (b)-(g)'s call, as for any
+    remote prefill."""
+    threshold = request.deployment.long_context_threshold_tokens or request.prompt_tokens
+    base = [
+        w
+        for w in workers
+        if w.role == PREFILL
+        and w.pool != LONG_CONTEXT_POOL
+        and w.serving
+        and w.circuit_allows
+        and w.worker_id not in exclude
+    ]
+
+    def backlog(w: WorkerState) -> int:
+        return max(w.pending_prefill_tokens, w.queued_prefill_tokens or 0)
+
+    free = sum(backlog(w) < threshold for w in base)
+    lent: list[WorkerState] = []
+    rejected: list[Rejection] = []
+    for w in base:
+        if backlog(w) > 0 or w.waiting > 0:
+            why = f"busy ({backlog(w)} prompt tokens queued, {w.waiting} waiting)"
+        elif free < 2:
+            why = "the base pool's last prefill worker free of long prompts"
+        else:
+            lent.append(w)
+            continue
+        why = f"{why}: not lent to the {LONG_CONTEXT_POOL} pool"
+        rejected.append(Rejection(w.worker_id, "LongContext", why))
+    return lent, tuple(rejected)
+
+
 def local_prefill_verdict(
     request: RouteRequest,
     decode: Candidate,
@@ -302,18 +369,25 @@ def local_prefill_verdict(
     aggregated: bool,
     has_prefill: bool,
     pool_has_prefill: bool = False,
+    lendable: int | None = None,
 ) -> DisaggregationVerdict:
     """Rules (a)-(e) of the module docstring: ``remote=False`` keeps the prefill on ``decode``;
     ``remote=True`` means only that a remote prefill may be worth it (rules (f), (g) follow).
     A ``decode`` worker of the long-context pool prefills its own prompts unless the pool has
-    prefill workers (``pool_has_prefill``): a long prompt must not queue on the base pool's."""
+    prefill workers (``pool_has_prefill``) or ``lendable`` base-pool prefill workers may be
+    borrowed (``lendable_prefill_workers``; None: none asked for): a long prompt must not
+    queue ahead of the base pool's interactive prompts."""
     if aggregated:
         return DisaggregationVerdict(False, "aggregated route asked for")
     if not has_prefill:
         return DisaggregationVerdict(False, "no prefill worker")
     w = decode.worker
-    if w.pool == LONG_CONTEXT_POOL and not pool_has_prefill:
-        return DisaggregationVerdict(False, "the long-context pool prefills its own prompts")
+    if w.pool == LONG_CONTEXT_POOL and not pool_has_prefill and not lendable:
+        return DisaggregationVerdict(
+            False,
+            "the long-context pool prefills its own prompts"
+            + ("" if lendable is None else ": no base-pool prefill worker to lend"),
+        )
     interference = predict.interference_ms(request, w, decode.cached_tokens)
     transfer = predict.transfer_ms(request, w)
     target = request.itl_target_ms
