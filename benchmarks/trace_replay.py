@@ -1111,6 +1111,7 @@ def run_sweep(
                     itl_ms=entry["itl_ms"],
                     errors=entry["errors"],
                     classes={k: v["attainment"] for k, v in entry["classes"].items()},
+                    class_ttft_ms={k: v["ttft_ms"] for k, v in entry["classes"].items()},
                 )
                 print(f"     attainment {entry['attainment']:.1%}, goodput {entry['goodput_rps']}")
             else:
