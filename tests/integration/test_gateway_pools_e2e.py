@@ -6,11 +6,12 @@ gateway with tenants, requests over HTTP.
 
 * the gateway runs a ``--routing-profiles`` file with a profile for the deployment's
   interactive class;
-* a 40k-token prompt goes to the long-context worker, which prefills it itself (the base
-  pool has one prefill worker, which is never lent); while it does,
+* a 40k-token prompt goes to the long-context worker, which prefills it itself; while it does,
   that worker's load reports carry the queued prefill tokens, and short interactive requests go
   to the decode workers and all finish while the long prefill is still running (they do
   not wait behind it);
+* two long prompts at once: the long-context worker prefills the first, and the base pool
+  lends it an idle prefill worker for the second (decoded on the long-context worker);
 * the decision trace (``GET /debug/requests/{id}``) names the plugins that decided; another
   tenant's key gets 404, no key 401;
 * ``switchboard explain request cmpl-<id>`` prints the explanation.
@@ -49,7 +50,7 @@ pytestmark = pytest.mark.timeout(600)
 @dataclass
 class Cluster:
     etcd: EtcdServer
-    prefill: WorkerProc
+    prefills: list[WorkerProc]
     decodes: list[WorkerProc]
     long_context: WorkerProc
     gateway: ManagedProcess
@@ -67,7 +68,7 @@ def apply_deployment(etcd_endpoint: str) -> None:
             "name": "lc-sim", "model": MODEL, "engine": "sim",
             "engine_args": {"profile": PROFILE},
             "pools": [
-                {"role": "prefill", "replicas": 1},
+                {"role": "prefill", "replicas": 2},
                 {"role": "decode", "replicas": 2},
                 {"role": "long_context", "replicas": 1, "context_threshold_tokens": THRESHOLD},
             ],
@@ -93,9 +94,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         apply_deployment(etcd.endpoint)
         keys = create_tenants(etcd.endpoint)
         pool = ["--deployment", "lc-sim", "--long-context-threshold", str(THRESHOLD)]
-        prefill = start_worker(tmp, etcd.endpoint, "p-0", role="prefill", profile=PROFILE,
-                               model=MODEL, extra=[*pool, "--pool", "prefill"])  # fmt: skip
-        procs.append(prefill.process)
+        prefills = []
+        for i in range(2):
+            w = start_worker(tmp, etcd.endpoint, f"p-{i}", role="prefill", profile=PROFILE,
+                             model=MODEL, extra=[*pool, "--pool", "prefill"])  # fmt: skip
+            procs.append(w.process)
+            prefills.append(w)
         decodes = []
         for i in range(2):
             w = start_worker(tmp, etcd.endpoint, f"d-{i}", role="decode", profile=PROFILE,
@@ -117,7 +121,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             tmp, etcd.endpoint, ["--routing-profiles", str(profiles)]
         )
         procs.append(gateway)
-        c = Cluster(etcd, prefill, decodes, lc, gateway, http_port, keys)
+        c = Cluster(etcd, prefills, decodes, lc, gateway, http_port, keys)
 
         def ready() -> bool:
             status, body = get_json(f"{c.base_url}/v1/models", keys["acme"])
@@ -165,9 +169,13 @@ def complete(
         return Result(e.code, got, json.loads(e.read()), time.monotonic() - started)
 
 
-def decode_of(r: Result) -> str:
+def route_field(r: Result, name: str) -> str:
     fields = dict(p.partition("=")[::2] for p in r.headers["x-switchboard-route"].split("; "))
-    return fields["decode"]
+    return fields[name]
+
+
+def decode_of(r: Result) -> str:
+    return route_field(r, "decode")
 
 
 def test_a_long_prompt_goes_to_the_pool_and_short_ones_do_not_wait_behind_it(
@@ -225,18 +233,17 @@ def test_the_decision_trace_names_the_plugins_and_is_the_tenants_own(cluster: Cl
     decode_stage = route["stages"][0]
     assert decode_stage["profile"] == "default:decode"  # the file names no batch profile
     assert {r["worker"]: r["plugin"] for r in decode_stage["rejections"]} == {
-        "d-0": "LongContext", "d-1": "LongContext", "p-0": "Role",
+        "d-0": "LongContext", "d-1": "LongContext", "p-0": "Role", "p-1": "Role",
     }  # fmt: skip
-    assert route["prefill_verdict"]["reason"] == (  # one base prefill worker: never lent
-        "the long-context pool prefills its own prompts: no base-pool prefill worker to lend"
-    )
+    # lc-0 was idle and the batch class has no TTFT target: no reason to borrow a worker
+    assert route["prefill_verdict"]["reason"] == "decode batch empty: delays no one"
     status, body = get_json(f"{c.base_url}/debug/requests/short-0", c.keys["acme"])
     assert status == 200
     short = body["routes"][0]
     assert short["stages"][0]["profile"] == "lc-sim/interactive:decode"  # the file's
     assert set(short["stages"][0]["weights"]) == {"TtftHeadroom", "ItlHeadroom", "LoadBalance"}
     assert {r["worker"]: r["plugin"] for r in short["stages"][0]["rejections"]} == {
-        "lc-0": "LongContext", "p-0": "Role",
+        "lc-0": "LongContext", "p-0": "Role", "p-1": "Role",
     }  # fmt: skip
     assert {"Role", "LongContext"} <= set(short["plugins"])
     # two idle decode workers tie (the rng picks): no scorer decided, or one that was weighed
@@ -271,3 +278,38 @@ def test_switchboard_explain_request(cluster: Cluster) -> None:
     assert json.loads(as_json.stdout)["routes"][0]["decode"] == "lc-0"
     denied = explain(c.keys["limited"])
     assert denied.returncode != 0 and "404" in denied.stderr
+
+
+def test_a_busy_pool_borrows_an_idle_base_prefill_worker(cluster: Cluster) -> None:
+    """Two long prompts (standard class: 2 s TTFT) at once: lc-0 prefills the first itself;
+    the second would queue behind it there, so an idle base prefill worker prefills it and
+    hands the KV to lc-0, which decodes both."""
+    c = cluster
+    first_prompt = [(i * 7919) % 120_000 + 3 for i in range(30_000)]
+    second_prompt = [(i * 7907) % 120_000 + 5 for i in range(30_000)]
+    first = Result()
+
+    def send_first() -> None:
+        nonlocal first
+        first = complete(c, first_prompt, 4, request_id="long-a", sla_class="standard")
+
+    thread = threading.Thread(target=send_first, daemon=True)
+    thread.start()
+    wait_until(
+        lambda: worker_stats(c.long_context).queued_prefill_tokens > 0 or not thread.is_alive(),
+        30,
+        what="the first long prompt being prefilled on lc-0",
+    )
+    assert thread.is_alive(), f"the first long request ended too soon: {first}"
+    second = complete(c, second_prompt, 4, request_id="long-b", sla_class="standard")
+    thread.join(120)
+    assert (first.status, second.status) == (200, 200), (first.body, second.body)
+    assert (decode_of(first), route_field(first, "prefill")) == ("lc-0", "local")
+    assert decode_of(second) == "lc-0"
+    assert route_field(second, "prefill") in ("p-0", "p-1"), second.headers
+    assert second.body["usage"]["completion_tokens"] == 4
+    status, body = get_json(f"{c.base_url}/debug/requests/cmpl-long-b", c.keys["acme"])
+    assert status == 200, body
+    route = body["routes"][0]
+    assert (route["decode"], route["prefill"]) == ("lc-0", route_field(second, "prefill"))
+    assert "on lc-0" in route["prefill_verdict"]["reason"]
