@@ -181,20 +181,29 @@ LONG_QUEUED: dict[str, Any] = {"pending_prefill_tokens": 40_000, "pending_prefil
          {"p1": "busy (2000 prompt tokens queued, 0 waiting)"}),
         (LC_BUSY, {"p1": {"waiting": 2}, "p2": {}}, {"p2"},
          {"p1": "busy (0 prompt tokens queued, 2 waiting)"}),
-        # one already holds a long prompt: the other is the base pool's last one, not lent
+        # one already holds a long prompt: half the pool of two does, the other is not lent
         (LC_BUSY, {"p1": LONG_QUEUED, "p2": {}}, {None},
          {"p1": "busy (40000 prompt tokens queued, 0 waiting)",
-          "p2": "the base pool's last prefill worker free of long prompts"}),
+          "p2": "1 of the base pool's 2 prefill workers hold long prompts (at most 1 may)"}),
         # a base pool of one prefill worker never lends it
-        (LC_BUSY, {"p1": {}}, {None},
-         {"p1": "the base pool's last prefill worker free of long prompts"}),
+        (LC_BUSY, {"p1": {}}, {None}, {"p1": "the base pool's only prefill worker"}),
+        # a pool of four may lend two: one holding a long prompt, the idle ones may go...
+        (LC_BUSY, {"p1": LONG_QUEUED, "p2": {}, "p3": {}, "p4": {}}, {"p2", "p3", "p4"},
+         {"p1": "busy (40000 prompt tokens queued, 0 waiting)"}),
+        # ...two holding (one by another gateway's prompt, seen in its report): none may
+        (LC_BUSY, {"p1": LONG_QUEUED, "p2": {"queued_prefill_tokens": 35_000}, "p3": {},
+                   "p4": {}}, {None},
+         {"p1": "busy (40000 prompt tokens queued, 0 waiting)",
+          "p2": "busy (35000 prompt tokens queued, 0 waiting)",
+          "p3": "2 of the base pool's 4 prefill workers hold long prompts (at most 2 may)",
+          "p4": "2 of the base pool's 4 prefill workers hold long prompts (at most 2 may)"}),
         # both busy: nobody to lend
         (LC_BUSY, {"p1": {"waiting": 1}, "p2": {"queued_prefill_tokens": 900}}, {None},
          {"p1": "busy (0 prompt tokens queued, 1 waiting)",
           "p2": "busy (900 prompt tokens queued, 0 waiting)"}),
-        # a draining one does not count as free: the other is the last
+        # a draining one is not part of the pool it could lend from: one is left
         (LC_BUSY, {"p1": {"serving": False}, "p2": {}}, {None},
-         {"p2": "the base pool's last prefill worker free of long prompts"}),
+         {"p2": "the base pool's only prefill worker"}),
         # the pool's worker is idle: its own prefill is sooner than any hand-off (rule (g))
         ({}, {"p1": {}, "p2": {}}, {None}, {}),
     ],

@@ -23,7 +23,8 @@ in order (the first that fails keeps it local, and the trace says which):
 
 a. the caller did not ask for an aggregated route, and the model has a prefill worker (for a
    decode worker of the long-context pool: the pool has one, or the base pool can lend one,
-   ``lendable_prefill_workers``: an idle one, while another stays free of long prompts);
+   ``lendable_prefill_workers``: an idle one, while under half of its prefill workers hold
+   long prompts);
 b. ``D``'s own predicted TTFT (its prefill queue, then this prompt) misses the request's TTFT
    target, or (c)-(e) all hold. A miss overrides (c)-(e), leaving (f) and (g) to decide: a
    sooner prefill worker takes the prompt instead of a queue on ``D``, so a burst spreads
@@ -62,8 +63,8 @@ workers, one after another, unless the base pool lends an **idle** prefill worke
 then rules (b)-(g) decide as for any prompt, so a long prompt goes there when the pool's own
 queue makes the hand-off sooner (or its prefill would break the ITL of the pool's decoding
 requests). Only an idle worker is lent, so no interactive prompt waits behind the long one,
-and never the base pool's last prefill worker free of long prompts; interactive prompts that
-come later route around the lent worker on its predicted TTFT.
+and only while fewer than half of the base pool's prefill workers hold long prompts;
+interactive prompts that come later route around the lent worker on its predicted TTFT.
 
 **Profiles**: which scorers and weights run in each stage comes from a ``ProfileTable`` per
 deployment and SLA class (``profiles.py``; MoE deployments get the MoE default: batch packing
@@ -327,11 +328,11 @@ def lendable_prefill_workers(
 
     A worker is lent only when it is **idle** (no prompt queued or pending there, by its
     report and by this router's own count: the long prefill then makes no interactive prompt
-    wait behind it; later ones route around it on its predicted TTFT) and **another** base
-    prefill worker stays free of long prompts (its backlog under the deployment's
-    long-context threshold): the base pool always keeps a prefill worker for its own traffic.
-    Whether a lent worker is worth the KV hand-off is rules (b)-(g)'s call, as for any
-    remote prefill."""
+    wait behind it; later ones route around it on its predicted TTFT), and only while fewer
+    than half of the base pool's prefill workers hold long prompts (a backlog of at least the
+    deployment's long-context threshold, whoever sent it): the base pool keeps at least half
+    its prefill workers for its own traffic, so a pool of one never lends it. Whether a lent
+    worker is worth the KV hand-off is rules (b)-(g)'s call, as for any remote prefill."""
     threshold = request.deployment.long_context_threshold_tokens or request.prompt_tokens
     base = [
         w
@@ -346,14 +347,20 @@ def lendable_prefill_workers(
     def backlog(w: WorkerState) -> int:
         return max(w.pending_prefill_tokens, w.queued_prefill_tokens or 0)
 
-    free = sum(backlog(w) < threshold for w in base)
+    may_hold = len(base) // 2
+    holding = sum(backlog(w) >= threshold for w in base)
     lent: list[WorkerState] = []
     rejected: list[Rejection] = []
     for w in base:
         if backlog(w) > 0 or w.waiting > 0:
             why = f"busy ({backlog(w)} prompt tokens queued, {w.waiting} waiting)"
-        elif free < 2:
-            why = "the base pool's last prefill worker free of long prompts"
+        elif may_hold == 0:
+            why = "the base pool's only prefill worker"
+        elif holding >= may_hold:
+            why = (
+                f"{holding} of the base pool's {len(base)} prefill workers hold long prompts "
+                f"(at most {may_hold} may)"
+            )
         else:
             lent.append(w)
             continue
