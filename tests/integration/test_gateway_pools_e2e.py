@@ -178,31 +178,40 @@ def decode_of(r: Result) -> str:
     return route_field(r, "decode")
 
 
+def start_long(
+    c: Cluster, prompt: list[int], *, request_id: str, sla_class: str
+) -> tuple[threading.Thread, list[Result], int]:
+    """Send ``prompt`` (4 tokens) on a thread and wait until lc-0's reports show it being
+    prefilled; returns the thread, the list its Result lands in, and the largest queued
+    prefill lc-0 reported."""
+    done: list[Result] = []
+
+    def send() -> None:
+        done.append(complete(c, prompt, 4, request_id=request_id, sla_class=sla_class))
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    seen = 0
+
+    def prefilling() -> bool:
+        nonlocal seen
+        s = worker_stats(c.long_context)
+        if s.HasField("queued_prefill_tokens"):
+            seen = max(seen, s.queued_prefill_tokens)
+        return seen > 0 or not thread.is_alive()
+
+    wait_until(prefilling, 30, what=f"{request_id} being prefilled on lc-0")
+    assert thread.is_alive(), f"{request_id} ended before the test went on: {done}"
+    return thread, done, seen
+
+
 def test_a_long_prompt_goes_to_the_pool_and_short_ones_do_not_wait_behind_it(
     cluster: Cluster,
 ) -> None:
     c = cluster
     long_prompt = [(i * 7919) % 120_000 + 1 for i in range(40_000)]
-    long = Result()
-
-    def send_long() -> None:
-        nonlocal long
-        long = complete(c, long_prompt, 4, request_id="long-1", sla_class="batch")
-
-    thread = threading.Thread(target=send_long, daemon=True)
-    thread.start()
-    # the long-context worker is prefilling it: its reports say how much is left to prefill
-    seen_queue = 0
-
-    def prefilling() -> bool:
-        nonlocal seen_queue
-        s = worker_stats(c.long_context)
-        if s.HasField("queued_prefill_tokens"):
-            seen_queue = max(seen_queue, s.queued_prefill_tokens)
-        return seen_queue > 0 or not thread.is_alive()
-
-    wait_until(prefilling, 30, what="the long prompt being prefilled on lc-0")
-    assert thread.is_alive(), f"the long request ended before any short one ran: {long}"
+    thread, done, seen_queue = start_long(c, long_prompt, request_id="long-1", sla_class="batch")
+    # the long-context worker's reports said how much was left to prefill
     assert THRESHOLD <= seen_queue <= len(long_prompt)
 
     shorts = [
@@ -211,6 +220,7 @@ def test_a_long_prompt_goes_to_the_pool_and_short_ones_do_not_wait_behind_it(
     ]
     still_prefilling = thread.is_alive()
     thread.join(120)
+    (long,) = done
     assert long.status == 200, long.body
     assert decode_of(long) == "lc-0"
     assert "prefill=local" in long.headers["x-switchboard-route"]
@@ -287,22 +297,10 @@ def test_a_busy_pool_borrows_an_idle_base_prefill_worker(cluster: Cluster) -> No
     c = cluster
     first_prompt = [(i * 7919) % 120_000 + 3 for i in range(30_000)]
     second_prompt = [(i * 7907) % 120_000 + 5 for i in range(30_000)]
-    first = Result()
-
-    def send_first() -> None:
-        nonlocal first
-        first = complete(c, first_prompt, 4, request_id="long-a", sla_class="standard")
-
-    thread = threading.Thread(target=send_first, daemon=True)
-    thread.start()
-    wait_until(
-        lambda: worker_stats(c.long_context).queued_prefill_tokens > 0 or not thread.is_alive(),
-        30,
-        what="the first long prompt being prefilled on lc-0",
-    )
-    assert thread.is_alive(), f"the first long request ended too soon: {first}"
+    thread, done, _ = start_long(c, first_prompt, request_id="long-a", sla_class="standard")
     second = complete(c, second_prompt, 4, request_id="long-b", sla_class="standard")
     thread.join(120)
+    (first,) = done
     assert (first.status, second.status) == (200, 200), (first.body, second.body)
     assert (decode_of(first), route_field(first, "prefill")) == ("lc-0", "local")
     assert decode_of(second) == "lc-0"
