@@ -94,21 +94,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         apply_deployment(etcd.endpoint)
         keys = create_tenants(etcd.endpoint)
         pool = ["--deployment", "lc-sim", "--long-context-threshold", str(THRESHOLD)]
-        prefills = []
-        for i in range(2):
-            w = start_worker(tmp, etcd.endpoint, f"p-{i}", role="prefill", profile=PROFILE,
-                             model=MODEL, extra=[*pool, "--pool", "prefill"])  # fmt: skip
+
+        def start(worker_id: str, role: str, pool_name: str) -> WorkerProc:
+            w = start_worker(tmp, etcd.endpoint, worker_id, role=role, profile=PROFILE,
+                             model=MODEL, extra=[*pool, "--pool", pool_name])  # fmt: skip
             procs.append(w.process)
-            prefills.append(w)
-        decodes = []
-        for i in range(2):
-            w = start_worker(tmp, etcd.endpoint, f"d-{i}", role="decode", profile=PROFILE,
-                             model=MODEL, extra=[*pool, "--pool", "decode"])  # fmt: skip
-            procs.append(w.process)
-            decodes.append(w)
-        lc = start_worker(tmp, etcd.endpoint, "lc-0", role="both", profile=PROFILE, model=MODEL,
-                          extra=[*pool, "--pool", "long_context"])  # fmt: skip
-        procs.append(lc.process)
+            return w
+
+        prefills = [start(f"p-{i}", "prefill", "prefill") for i in range(2)]
+        decodes = [start(f"d-{i}", "decode", "decode") for i in range(2)]
+        lc = start("lc-0", "both", "long_context")
         profiles = tmp / "routing-profiles.yaml"
         profiles.write_text(
             "deployments:\n"
