@@ -1154,7 +1154,8 @@ def sweep_verdict(
     capacity below the lowest offered rate tried (``lowest_rps``, sim req/s; default: the
     smallest of ``rates``): the ratio against it is only bounded from below (``vs_*_at_least``
     = Switchboard's capacity / that rate), and the target counts as met only when that bound
-    reaches it."""
+    reaches it. Ratios are judged as reported, to three decimals: offered rates are rounded to
+    three, so two rate scales exactly 2x apart can give 1.9999."""
     sb = capacity.get("switchboard")
     if sb is None:
         return {"met": False, "why": "switchboard did not run"}
@@ -1179,8 +1180,8 @@ def sweep_verdict(
             out["vs_best_peer_at_least"] = bound
         if rr == 0:
             out["vs_round_robin_at_least"] = bound
-        peer_ok = sb >= TARGET_VS_PEER * (best[1] or lowest)
-        rr_ok = sb >= TARGET_VS_RR * (rr or lowest)
+        peer_ok = round(sb / (best[1] or lowest), 3) >= TARGET_VS_PEER
+        rr_ok = round(sb / (rr or lowest), 3) >= TARGET_VS_RR
         out["met"] = bool(peer_ok and rr_ok)
         if (not peer_ok and best[1] == 0) or (not rr_ok and rr == 0):
             out["undetermined"] = (
@@ -1188,8 +1189,8 @@ def sweep_verdict(
                 "is below the target (sweep lower rates)"
             )
         return out
-    met_peer = bool(peers) and sb > 0 and sb >= TARGET_VS_PEER * best[1]
-    met_rr = rr is not None and sb > 0 and sb >= TARGET_VS_RR * rr
+    met_peer = bool(peers) and sb > 0 and (not best[1] or out["vs_best_peer"] >= TARGET_VS_PEER)
+    met_rr = rr is not None and sb > 0 and (not rr or out["vs_round_robin"] >= TARGET_VS_RR)
     out["met"] = bool(met_peer and met_rr)
     return out
 

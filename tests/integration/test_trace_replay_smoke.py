@@ -119,6 +119,13 @@ def test_sweep_parsing_capacity_and_verdict() -> None:
     assert sweep_verdict({"switchboard": 7.0, "round_robin": 4.0, "vllm_cache_aware": 6.0},
                          [1])["met"] is False  # fmt: skip
     assert sweep_verdict({"round_robin": 1.0}, [1])["met"] is False
+    # x10 against x5 of one window: offered rates rounded to three decimals give 1.9999
+    exact = sweep_verdict(
+        {"switchboard": 17.769, "round_robin": 8.885, "vllm_cache_aware": 10.662}, [5, 10]
+    )
+    assert exact["vs_round_robin"] == 2.0 and exact["met"] is True
+    assert sweep_verdict({"switchboard": 17.76, "round_robin": 8.885, "vllm_cache_aware": 1.0},
+                         [5, 10])["met"] is False  # 1.999: short  # fmt: skip
     # a baseline that never reached 90%: its capacity is below the lowest rate, so the ratio
     # is only bounded from below (Switchboard's capacity / the lowest rate)
     low = sweep_verdict({"switchboard": 2.0, "round_robin": 0.0, "vllm_cache_aware": 0.0}, [1, 2])
