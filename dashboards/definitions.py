@@ -590,6 +590,14 @@ def router() -> Dashboard:
                                 ),
                                 "{{model}}",
                             ),
+                            Target(
+                                _share(
+                                    f"switchboard_long_context_lent_total{{{M}}}",
+                                    decisions,
+                                    "model",
+                                ),
+                                "{{model}} lent to long_context",
+                            ),
                         ),
                         unit="percentunit",
                         min=0,

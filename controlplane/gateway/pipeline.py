@@ -58,6 +58,7 @@ from switchboard.v1 import inference_pb2, worker_pb2
 
 from controlplane.core.routing import DecodeProgress, RouteRequest, Trace
 from controlplane.core.routing.late import NO_HOLD, LatePolicy, Prediction
+from controlplane.core.routing.plugins import LONG_CONTEXT_POOL
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import DEFAULT_SLA_CLASS
 from controlplane.errors import (
@@ -480,6 +481,12 @@ class Gateway:
         m = self.metrics
         remote = "remote" if route.prefill is not None else "local"
         m.child(m.routes, model, policy, remote).inc()
+        if (
+            route.prefill is not None
+            and route.decode.pool == LONG_CONTEXT_POOL
+            and route.prefill.pool != LONG_CONTEXT_POOL
+        ):
+            m.child(m.long_context_lent, model).inc()
         m.child(m.router_decision, model, policy).observe(self.clock() - started)
         decider = policy
         hit_tokens = 0

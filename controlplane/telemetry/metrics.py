@@ -415,6 +415,13 @@ class GatewayMetrics(MetricsGroup):
             ["model"],
             registry=r,
         )
+        self.long_context_lent = Counter(
+            "switchboard_long_context_lent",
+            "Long prompts prefilled on a base-pool prefill worker lent to a long_context pool"
+            " that has no prefill workers of its own (the router's lendable_prefill_workers).",
+            ["model"],
+            registry=r,
+        )
         self.late_held = Counter(
             "switchboard_late_held",
             "Requests held in the late lane: the best route predicted a TTFT over their class"

@@ -306,3 +306,35 @@ def test_a_sim_deployments_speedup_scales_its_timing() -> None:
     assert slow.kv_transfer_ms(1 << 20) == pytest.approx(2 * base.kv_transfer_ms(1 << 20))
     assert slow.kv_bytes_per_token == base.kv_bytes_per_token
     assert bad.timing.prefill_ms(320, 0) == pytest.approx(base.prefill_ms(320, 0))
+
+
+def test_a_prefill_lent_to_the_long_context_pool_is_counted() -> None:
+    """lc's own queue (200 prompts reported) puts a long prompt past the standard class's
+    TTFT target there: an idle base prefill worker is lent, and the lend is counted."""
+    view = QuietView()
+    view.put(
+        rec("d1", pool="decode"),
+        rec("p1", "prefill", pool="prefill"),
+        rec("p2", "prefill", pool="prefill"),
+        rec("lc", pool="long_context", long_context_threshold_tokens=600),
+        models=(SIM,),
+    )
+    view.loads["lc"] = LoadReport(waiting=200, queued_prefill_tokens=200_000)
+    cache = ModelRoutingCache(view.model_info, threshold_lookup=view.long_context_threshold_tokens)
+    sla = SlaGatewayRouter(
+        SlaAwareRouter(), timing_for=cache.timing_for, facts_for=cache.facts_for,
+        rng=random.Random(0),
+    )  # fmt: skip
+    gw = Gateway(view, LeastLoadedRouter(), CircuitBreakers(), GatewayMetrics(), sla_router=sla)
+    gw.model_routing = cache
+    lent = gw.metrics.long_context_lent.labels("sim-model")
+    route = gw._route("sim-model", tuple(range(1, 801)), 8, frozenset(), False)
+    assert route.decode.worker_id == "lc"
+    assert route.prefill is not None and route.prefill.worker_id in ("p1", "p2")
+    assert lent._value.get() == 1
+    # a short prompt's remote prefill is not a lend; nor is a long one the pool keeps
+    gw._route("sim-model", tuple(range(1, 21)), 8, frozenset(), False)
+    view.loads["lc"] = LoadReport()
+    kept = gw._route("sim-model", tuple(range(1, 801)), 8, frozenset(), False)
+    assert (kept.decode.worker_id, kept.prefill) == ("lc", None)
+    assert lent._value.get() == 1
