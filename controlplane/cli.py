@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane import __version__
 from controlplane.config import (
@@ -28,6 +29,9 @@ from controlplane.config import (
     env_or,
 )
 from controlplane.errors import SwitchboardError
+
+if TYPE_CHECKING:
+    from controlplane.gateway.main import GatewaySettings
 
 log = logging.getLogger("switchboard")
 
@@ -321,8 +325,31 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         tenant_label_cap=args.tenant_label_cap,
         late_hold_factor=args.late_hold,
         worker_transport=args.worker_transport,
+        processes=args.processes,
     )
+    if settings.processes == 1:
+        try:
+            _run_until_signal(lambda stop: run_gateway(settings, stop), use_uvloop=True)
+        except (SwitchboardError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+        return
+    from controlplane.gateway.supervisor import supervise
 
+    target = functools.partial(gateway_process, log_level=args.log_level)
+    try:
+        _run_until_signal(lambda stop: supervise(settings, stop, target=target))
+    except (SwitchboardError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def gateway_process(settings: GatewaySettings, *, log_level: str) -> None:
+    """One process of ``gateway --processes N`` (the supervisor's spawn target): serves until
+    SIGTERM, then drains."""
+    from controlplane.gateway.main import run_gateway
+    from controlplane.gateway.supervisor import die_with_parent
+
+    die_with_parent()
+    _setup_logging(log_level)
     try:
         _run_until_signal(lambda stop: run_gateway(settings, stop), use_uvloop=True)
     except (SwitchboardError, OSError) as e:
@@ -712,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait for open requests"
     )
     sp.add_argument("--port-file", help='write "<http port> <grpc port>" here once serving')
+    sp.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="gateway processes on this host, all on the same ports (SO_REUSEPORT), each a "
+        "replica; one per core the gateway may use",
+    )
     sp.add_argument(
         "--late-hold",
         type=float,

@@ -332,7 +332,9 @@ class GatewayMetricsSource:
 
 class EtcdGatewaysSource:
     """Reads every gateway registered in etcd (``{prefix}/gateways/``: their ``http`` address
-    serves ``/metrics``) and sums them: the planner needs no list of gateways."""
+    serves ``/metrics``) and sums them: the planner needs no list of gateways. Records that
+    share an address are the processes of one ``gateway --processes N``, whose ``/metrics``
+    answers their sum: read once."""
 
     def __init__(self, client: EtcdClient, prefix: str, *, timeout_s: float = 3.0) -> None:
         self.client = client
@@ -349,7 +351,7 @@ class EtcdGatewaysSource:
                 continue
             if http:
                 out.append(f"http://{http}/metrics")
-        return sorted(out)
+        return sorted(set(out))
 
     async def read(self) -> Mapping[str, ModelCounters]:
         return await GatewayMetricsSource(await self.urls(), timeout_s=self.timeout_s).read()

@@ -99,9 +99,13 @@ class UvicornServer(uvicorn.Server):
         yield
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking TCP socket; ``reuse_port``: SO_REUSEPORT, so several processes
+    listen on the same port and the kernel spreads new connections between them."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:

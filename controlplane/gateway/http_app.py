@@ -24,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from controlplane.gateway.errors import GATEWAY_ERROR_TABLE, RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext, RequestGate
@@ -95,9 +97,23 @@ class GatewayApp:
         clock: Callable[[], float] = time.time,
         replicas: Callable[[], int] = lambda: 1,
         whoami: Callable[[str], str] | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+        siblings: Callable[[], list[str]] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.gateway = gateway
         self.whoami = whoami
+        self.metrics_registry = (
+            metrics_registry if metrics_registry is not None else gateway.metrics.registry
+        )
+        """What ``/metrics`` serves (``telemetry.metrics.serving_registry``)."""
+        self.ready = ready if ready is not None else gateway.view.synced.is_set
+        """Everything this gateway reads from etcd before it answers as itself is loaded (the
+        workers, and the tenants and deployments where it has them): ``/health`` says
+        "syncing" until then."""
+        self.siblings = siblings
+        """The private addresses of this gateway's other processes (``--processes``), asked for
+        a ``/debug/requests`` record this process lacks; None: one process."""
         """API key -> tenant name (raises Unauthenticated), for ``GET /debug/requests/{id}``;
         None (no tenants): every caller sees every request."""
         self.replicas = replicas
@@ -141,6 +157,12 @@ class GatewayApp:
             await send_error(send, gate_error(e))
             return
         entry = self.gateway.decisions.get(request_id) if request_id else None
+        asked_by_sibling = header(scope, SIBLING_HEADER) is not None  # it does not ask on
+        if entry is None and request_id and self.siblings is not None and not asked_by_sibling:
+            found = await self._from_siblings(scope["path"], scope)
+            if found is not None:
+                await send_body(send, 200, found, JSON_HEADERS)
+                return
         if entry is None or (caller is not None and entry.tenant != caller):
             await send_error(
                 send,
@@ -153,6 +175,23 @@ class GatewayApp:
             )
             return
         await send_body(send, 200, orjson.dumps(entry.to_json()), JSON_HEADERS)
+
+    async def _from_siblings(self, path: str, scope: Scope) -> bytes | None:
+        """The first sibling process's answer 200 to ``GET path`` (with the caller's key: it
+        checks the tenant as this one would), else None."""
+        assert self.siblings is not None
+        headers = {SIBLING_HEADER.decode(): "1"}
+        auth = header(scope, b"authorization")
+        if auth is not None:
+            headers["authorization"] = auth.decode("latin-1")
+        for address in self.siblings():
+            request = urllib.request.Request(f"http://{address}{path}", headers=headers)
+            try:
+                body: bytes = await asyncio.to_thread(_read_url, request)
+                return body
+            except (urllib.error.URLError, OSError, TimeoutError):
+                continue  # not there (404), or that process is restarting
+        return None
 
     # -- small routes -----------------------------------------------------------------------------
 
@@ -179,14 +218,14 @@ class GatewayApp:
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.draining:
             await send_body(send, 503, b'{"status":"draining"}', JSON_HEADERS)
-        elif not self.gateway.view.synced.is_set():
+        elif not self.ready():
             await send_body(send, 503, b'{"status":"syncing"}', JSON_HEADERS)
         else:
             body = orjson.dumps({"status": "ok", "replicas": self.replicas()})
             await send_body(send, 200, body, JSON_HEADERS)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = generate_latest(self.metrics.registry)
+        body = generate_latest(self.metrics_registry)
         await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
 
     async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -351,6 +390,16 @@ class GatewayApp:
 
 
 DEBUG_REQUESTS = "/debug/requests/"
+SIBLING_HEADER = b"x-switchboard-sibling"
+"""Marks a ``/debug/requests`` lookup one process of a gateway sends another."""
+
+
+def _read_url(request: urllib.request.Request) -> bytes:
+    with urllib.request.urlopen(request, timeout=2.0) as resp:
+        body: bytes = resp.read()
+        return body
+
+
 ROUTE_HEADER = b"x-switchboard-route"
 
 

@@ -52,7 +52,7 @@ from controlplane.gateway.tenant_gate import TenantGate
 from controlplane.gateway.workers_view import WorkerChannels, WorkersView
 from controlplane.registration import LeasedRecord
 from controlplane.telemetry import tracing
-from controlplane.telemetry.metrics import GatewayMetrics
+from controlplane.telemetry.metrics import GatewayMetrics, serving_registry
 from workers.openai_main import UvicornServer, listen_socket
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,14 @@ class GatewaySettings:
     routing_profiles: str = ""
     """YAML file of routing profiles per deployment and SLA class ("": the built-in ones,
     ``docs/routing-profiles.yaml``); read once at start, a bad file stops the start."""
+    processes: int = 1
+    """Gateway processes on this host, all serving ``listen`` (and ``grpc_listen``); more than
+    one: a supervisor starts them (controlplane/gateway/supervisor.py), each a replica."""
+    reuse_port: bool = False
+    """Listen with SO_REUSEPORT (set by the supervisor for its processes)."""
+    siblings_dir: str = ""
+    """Set by the supervisor: each process writes its private loopback address here
+    (``<gateway_id>.addr``), where its siblings ask it for ``/debug/requests`` they lack."""
 
 
 GC_THRESHOLD = (50_000, 20, 20)
@@ -117,7 +125,39 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-def _split(address: str) -> tuple[str, int]:
+@dataclass(frozen=True)
+class Siblings:
+    """The other processes of this gateway's supervisor (``GatewaySettings.siblings_dir``): each
+    publishes ``<gateway_id>.addr`` (its private loopback host:port) there once serving."""
+
+    directory: Path
+    me: str
+
+    def publish(self, port: int) -> None:
+        tmp = self.directory / f".{self.me}.tmp"
+        tmp.write_text(f"127.0.0.1:{port}")
+        tmp.replace(self.directory / f"{self.me}.addr")  # readers never see half a file
+
+    def withdraw(self) -> None:
+        (self.directory / f"{self.me}.addr").unlink(missing_ok=True)
+
+    def others(self) -> list[str]:
+        out = []
+        for path in sorted(self.directory.glob("*.addr")):
+            if path.stem != self.me:
+                with contextlib.suppress(OSError):
+                    out.append(path.read_text().strip())
+        return [a for a in out if a]
+
+
+def _bind_grpc(server: GrpcServer, address: str) -> int:
+    port = server.server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC Inference service to {address}")
+    return int(port)
+
+
+def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host or "127.0.0.1", int(port)
 
@@ -163,9 +203,12 @@ async def run_gateway(
         asyncio.create_task(deployments.run(), name="deployments"),
         asyncio.create_task(peers.run(), name="gateway-peers"),
     ]
+    # what must have been read from etcd before this gateway answers as itself
+    loaded = [deployments.ever_synced]
     if gate is None and settings.auth == "tenants":
         tenants = TenantCache(EtcdTenantStore(client, settings.etcd.prefix))
         background.append(asyncio.create_task(tenants.run(), name="tenants"))
+        loaded.append(tenants.ever_synced)  # before it, every API key would get 401
 
         def capacity(model: str) -> int:
             decoding = [
@@ -189,27 +232,41 @@ async def run_gateway(
     elif gate is None:
         raise InvalidArgument(f"auth must be tenants or none, not {settings.auth!r}")
     whoami = (lambda key: gate.tenant(key).name) if isinstance(gate, TenantGate) else None
+    gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
+    siblings = Siblings(Path(settings.siblings_dir), gateway_id) if settings.siblings_dir else None
     app = GatewayApp(
         gateway,
         gate,
         max_body_bytes=settings.max_body_bytes,
         replicas=peers.count,
         whoami=whoami,
+        metrics_registry=serving_registry(metrics),
+        siblings=siblings.others if siblings is not None else None,
+        ready=lambda: view.synced.is_set() and all(e.is_set() for e in loaded),
     )
-    host, port = _split(settings.listen)
-    sock = listen_socket(host, port)
-    http_port = int(sock.getsockname()[1])
+    # A single gateway binds at once (port 0 resolves before its record is written) and serves
+    # while it syncs (/health says "syncing"); one of several processes on a shared port
+    # (``reuse_port``) listens only once synced, so the kernel sends its siblings the
+    # connections meanwhile instead of to a process that would answer 401 or 503.
+    host, http_port = split_address(settings.listen)
+    sockets: list[socket.socket] = []
+    if not settings.reuse_port:
+        sockets.append(listen_socket(host, http_port))
+        http_port = int(sockets[0].getsockname()[1])
     grpc_server: GrpcServer | None = None
     grpc_port = 0
     if settings.grpc_listen:
-        grpc_server = GrpcServer(settings.grpc_listen)
-        grpc_port = grpc_server.server.add_insecure_port(settings.grpc_listen)
-        if grpc_port == 0:
-            sock.close()
-            raise OSError(f"cannot bind the gRPC Inference service to {settings.grpc_listen}")
+        grpc_server = GrpcServer(settings.grpc_listen, reuse_port=settings.reuse_port)
         grpc_server.add_servicer(
             InferenceService(gateway, gate), inference_pb2.DESCRIPTOR.services_by_name["Inference"]
         )
+        grpc_port = split_address(settings.grpc_listen)[1]
+        if not settings.reuse_port:
+            try:
+                grpc_port = _bind_grpc(grpc_server, settings.grpc_listen)
+            except OSError:
+                sockets[0].close()
+                raise
     server = UvicornServer(
         uvicorn.Config(
             app,
@@ -221,7 +278,6 @@ async def run_gateway(
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_s)),
         )
     )
-    gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
     me = GatewayRecord(
         gateway_id, f"{host}:{http_port}", f"{host}:{grpc_port}" if grpc_port else "", time.time()
     )
@@ -236,15 +292,32 @@ async def run_gateway(
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(view.run(), name="workers-view")]
     tasks.append(asyncio.create_task(registration.run(), name="registration"))
     tasks += background
-    try:
+    synced = [view.synced, *loaded]
+
+    async def open_doors() -> asyncio.Task[None]:
         if grpc_server is not None:
+            if settings.reuse_port:
+                _bind_grpc(grpc_server, settings.grpc_listen)
             await grpc_server.start(bind=False)
             await grpc_server.set_serving(True)
-        http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
-        tasks.append(http_task)
+        if settings.reuse_port:
+            sockets.append(listen_socket(host, http_port, reuse_port=True))
+        if siblings is not None:  # this process alone, for its siblings (debug lookups)
+            sockets.append(listen_socket("127.0.0.1", 0))
+        task = asyncio.create_task(server.serve(sockets=sockets), name="http")
+        tasks.append(task)
+        return task
+
+    try:
+        if not settings.reuse_port:
+            http_task = await open_doors()
         with contextlib.suppress(TimeoutError):  # serve anyway: /health says "syncing"
-            await asyncio.wait_for(view.synced.wait(), 10.0)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in synced)), 10.0)
+        if settings.reuse_port:
+            http_task = await open_doors()
         tune_gc()
+        if siblings is not None:
+            await asyncio.to_thread(siblings.publish, sockets[-1].getsockname()[1])
         if settings.port_file:
             await asyncio.to_thread(
                 Path(settings.port_file).write_text, f"{http_port} {grpc_port}\n"
@@ -271,7 +344,10 @@ async def run_gateway(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        sock.close()
+        if siblings is not None:
+            siblings.withdraw()
+        for sk in sockets:
+            sk.close()
         await gateway.close()
         await channels.close()
         await client.close()

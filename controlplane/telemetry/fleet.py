@@ -56,8 +56,8 @@ def sd_target_groups(
     gateways: Iterable[tuple[str, str]] = (),
 ) -> list[dict[str, Any]]:
     """Prometheus ``http_sd_config`` groups (pure): one per worker / node agent with a metrics
-    endpoint, and per gateway ``(gateway_id, http host:port)``; sorted, so the answer is
-    stable."""
+    endpoint, and per gateway address (``(gateway_id, http host:port)``; several ids on one
+    address are one gateway's processes: one target); sorted, so the answer is stable."""
     groups: list[dict[str, Any]] = []
     for w in sorted(workers, key=lambda w: w.worker_id):
         if not w.metrics_endpoint:
@@ -85,8 +85,12 @@ def sd_target_groups(
                 "labels": {"component": "node_agent", "__meta_switchboard_node": n.node_id},
             }
         )
+    seen: set[str] = set()
     for gateway_id, http in sorted(gateways):
-        if http:
+        # the processes of one ``gateway --processes N`` share one address, whose /metrics
+        # answers their sum: one target, named by the first of their ids
+        if http and http not in seen:
+            seen.add(http)
             groups.append(
                 {
                     "targets": [http],

@@ -7,6 +7,11 @@ counters with a ``_total`` suffix. Dashboards and alert rules use only names def
 ``_count`` / ``_total`` series names Prometheus stores). A component class is any subclass of
 ``MetricsGroup``; subclasses register themselves, so a new class is listed without more code.
 
+**Several processes** (``switchboard gateway --processes N``): the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for its processes, so every value lives in a file there and any
+process's ``/metrics`` answers the sum over all of them (``serving_registry``); the gateway's
+gauges say how (``multiprocess_mode="livesum"``: the sum over live processes).
+
 **Label cardinality.** Every label takes values from a bounded set: model, SLA class, role,
 route, status code, plugin, reason and state come from configuration or code; ``worker``,
 ``node`` and ``replica`` are bounded by the fleet. The one label a client controls the value
@@ -32,12 +37,13 @@ rate limit, load shed, queue timeout), ``error`` (failed or aborted after admiss
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -254,6 +260,22 @@ class MetricsGroup:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
 
 
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set (by ``controlplane/gateway/supervisor.py``) before prometheus_client is imported: the
+process keeps its values in files there, shared with its sibling processes."""
+
+
+def serving_registry(group: MetricsGroup) -> CollectorRegistry:
+    """What ``/metrics`` serves: ``group``'s registry, or in one of several processes
+    (``MULTIPROC_DIR_ENV`` set) a registry that sums every process's files."""
+    path = os.environ.get(MULTIPROC_DIR_ENV, "")
+    if not path:
+        return group.registry
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return registry
+
+
 class GatewayMetrics(MetricsGroup):
     """The gateway's request-path metrics. ``sla_classes``: add their targets to the buckets;
     ``tenant_cap``: see ``TenantLabels``."""
@@ -353,12 +375,14 @@ class GatewayMetrics(MetricsGroup):
             "Requests waiting in the admission queue now.",
             ["model", "sla_class"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
             "switchboard_in_flight_requests",
             "Generation requests in flight in this gateway.",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.admission_rejected = Counter(
             "switchboard_admission_rejected",
@@ -442,6 +466,7 @@ class GatewayMetrics(MetricsGroup):
             "Requests held in the late lane now.",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.migrations = Counter(
             "switchboard_migrations",

@@ -138,6 +138,17 @@ NODES = [
 ]
 
 
+def test_one_gateways_processes_are_one_scrape_target() -> None:
+    """``gateway --processes 2`` registers two ids on one address, whose /metrics is their sum:
+    scraping it twice would count every request twice."""
+    gateways = [("gw-b-1", "127.0.0.1:8000"), ("gw-b-0", "127.0.0.1:8000"), ("gw-c", "h:1")]
+    groups = [g for g in sd_target_groups([], [], gateways)]
+    assert [(g["targets"], g["labels"]["__meta_switchboard_gateway_id"]) for g in groups] == [
+        (["127.0.0.1:8000"], "gw-b-0"),
+        (["h:1"], "gw-c"),
+    ]
+
+
 def test_sd_target_groups_list_every_published_endpoint() -> None:
     groups = sd_target_groups(WORKERS, NODES, [("gw-1", "127.0.0.1:8000"), ("gw-2", "")])
     assert [g["targets"] for g in groups] == [

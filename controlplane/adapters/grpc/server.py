@@ -55,11 +55,13 @@ def _method_handler(servicer: object, method: MethodDescriptor) -> grpc.RpcMetho
 class GrpcServer:
     """A started-on-demand aio server with health + reflection for the given service names."""
 
-    def __init__(self, bind: str) -> None:
+    def __init__(self, bind: str, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: SO_REUSEPORT (off by default, so a taken port is an error): several
+        processes serving one port, see controlplane/gateway/supervisor.py."""
         self.bind = bind
         self.server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
             ]
