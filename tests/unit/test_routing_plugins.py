@@ -14,8 +14,10 @@ from controlplane.core.routing.framework import (
     Filter,
     RouteContext,
     RouteRequest,
+    RoutingProfile,
     Scorer,
     Stage,
+    WeightedScorer,
     WorkerState,
 )
 from controlplane.core.routing.plugins import (
@@ -32,6 +34,7 @@ from controlplane.core.routing.plugins import (
     RoleFilter,
     ServingFilter,
     TtftScorer,
+    default_decode_profile,
     headroom,
 )
 from tests.unit.routing_builders import SLA, request, worker
@@ -198,3 +201,20 @@ def test_max_score_picker_takes_the_best_and_breaks_ties_with_the_rng() -> None:
     assert [p.pick(cs, tie, random.Random(s)) for s in range(20)] == [
         p.pick(cs, tie, random.Random(s)) for s in range(20)
     ]
+
+
+def test_a_profiles_weights_are_normalised_once_and_named() -> None:
+    profile = default_decode_profile()
+    assert profile.weights == (3 / 9, 2 / 9, 2 / 9, 1 / 9, 1 / 9)
+    assert profile.scorer_names == (
+        "ItlHeadroom",
+        "TtftHeadroom",
+        "PrefixOverlap",
+        "KvHeadroom",
+        "LoadBalance",
+    )
+    assert dict(profile.weight_map) == dict(zip(profile.scorer_names, profile.weights, strict=True))
+    unweighted = RoutingProfile(
+        "none", (), (WeightedScorer(LoadBalanceScorer(), 0.0),), MaxScorePicker()
+    )
+    assert unweighted.weights == (0.0,)

@@ -372,19 +372,28 @@ class RoutingProfile:
     filters: tuple[Filter, ...]
     scorers: tuple[WeightedScorer, ...]
     picker: Picker
+    weights: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    """Each scorer's share of the total weight (sums to 1; all 0 when no weight)."""
+    scorer_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """The scorers' names, in order."""
+    weight_map: Mapping[str, float] = field(init=False, repr=False, compare=False)
+    """``weights`` by scorer name (read-only: every stage trace of the profile shares it)."""
 
     def __post_init__(self) -> None:
         if any(ws.weight < 0 for ws in self.scorers):
             raise InvalidArgument(f"routing profile {self.name}: a scorer weight is negative")
-        names = [ws.scorer.name for ws in self.scorers]
+        names = tuple(ws.scorer.name for ws in self.scorers)
         if len(set(names)) != len(names):
-            raise InvalidArgument(f"routing profile {self.name}: scorer names repeat: {names}")
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        """Each scorer's share of the total weight (sums to 1; all 0 when no weight)."""
+            raise InvalidArgument(
+                f"routing profile {self.name}: scorer names repeat: {list(names)}"
+            )
         total = sum(ws.weight for ws in self.scorers)
-        return tuple(ws.weight / total if total else 0.0 for ws in self.scorers)
+        weights = tuple(ws.weight / total if total else 0.0 for ws in self.scorers)
+        # derived once: the router reads them on every routing pass
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "scorer_names", names)
+        weight_map = MappingProxyType(dict(zip(names, weights, strict=True)))
+        object.__setattr__(self, "weight_map", weight_map)
 
 
 # --- results and traces ------------------------------------------------------------------------
@@ -440,18 +449,24 @@ class StageTrace:
     def deciders(self) -> tuple[str, ...]:
         """The scorers that put the chosen worker ahead of the runner-up, largest weighted
         margin first; empty when there was no contest (one candidate, or none)."""
-        if self.chosen is None or len(self.candidates) < 2:
+        chosen = self.chosen
+        if chosen is None or len(self.candidates) < 2:
             return ()
-        best = self.candidate(self.chosen)
-        runner_up = max(
-            (c for c in self.candidates if c.worker_id != self.chosen), key=lambda c: c.total
-        )
-        margins = {
-            name: self.weights[name] * (best.scores[name] - runner_up.scores[name])
-            for name in self.weights
-        }
-        ahead = [(m, n) for n, m in margins.items() if m > 1e-12]
-        return tuple(n for _, n in sorted(ahead, key=lambda x: (-x[0], x[1])))
+        best = self.candidate(chosen)
+        runner_up: CandidateScore | None = None  # the first of the highest totals
+        for c in self.candidates:
+            if c.worker_id != chosen and (runner_up is None or c.total > runner_up.total):
+                runner_up = c
+        if runner_up is None:
+            raise ValueError(f"no runner-up to {chosen} among the candidates")
+        won, lost = best.scores, runner_up.scores
+        ahead = [
+            (-margin, name)  # largest margin first, then by name
+            for name, weight in self.weights.items()
+            if (margin := weight * (won[name] - lost[name])) > 1e-12
+        ]
+        ahead.sort()
+        return tuple(name for _, name in ahead)
 
     def lines(self) -> list[str]:
         out = [f"{self.stage.value} ({self.profile}): chose {self.chosen or 'nothing'}"]

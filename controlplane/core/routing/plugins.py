@@ -347,6 +347,8 @@ class TenantFairShareScorer:
         if shares is None or not request.tenant:
             return [1.0] * len(candidates)
         heavy = shares.over_fair_share()
+        if not heavy:  # no crowd anywhere: 1 - 0 / total, or 1 on an idle worker
+            return [1.0] * len(candidates)
         out: list[float] = []
         for c in candidates:
             per = shares.by_worker.get(c.worker_id, {})

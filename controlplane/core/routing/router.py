@@ -81,7 +81,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 
 from controlplane.core.routing import predict
@@ -200,14 +200,15 @@ class SlaAwareRouter:
 
         lent: list[WorkerState] | None = None  # None: D may use any prefill worker
         borrowed: tuple[Rejection, ...] = ()
-        pool_prefill = any(w.role == PREFILL and w.pool == LONG_CONTEXT_POOL for w in ordered)
+        prefill_pools = {w.pool for w in ordered if w.role == PREFILL}
+        pool_prefill = LONG_CONTEXT_POOL in prefill_pools
         if d.worker.pool == LONG_CONTEXT_POOL and not pool_prefill:
             lent, borrowed = lendable_prefill_workers(request, ordered, exclude)
         verdict = local_prefill_verdict(
             request,
             d,
             aggregated=aggregated,
-            has_prefill=any(w.role == PREFILL for w in ordered),
+            has_prefill=bool(prefill_pools),
             pool_has_prefill=pool_prefill,
             lendable=None if lent is None else len(lent),
         )
@@ -266,54 +267,57 @@ def run_stage(
     for f in profile.filters:
         if not alive:
             break
-        t0 = clock() if clock is not None else 0.0
-        kept = f.filter(request, alive, ctx)
-        if clock is not None:
+        if clock is None:
+            kept = f.filter(request, alive, ctx)
+        else:
+            t0 = clock()
+            kept = f.filter(request, alive, ctx)
             seconds[f.name] = seconds.get(f.name, 0.0) + clock() - t0
-        kept_ids = {w.worker_id for w in kept}
-        rejections += (
-            Rejection(w.worker_id, f.name, f.reason(request, w, ctx))
-            for w in alive
-            if w.worker_id not in kept_ids
-        )
+        if len(kept) != len(alive):  # a filter keeps a subset, in order: equal length, all
+            kept_ids = {w.worker_id for w in kept}
+            rejections += (
+                Rejection(w.worker_id, f.name, f.reason(request, w, ctx))
+                for w in alive
+                if w.worker_id not in kept_ids
+            )
         alive = kept
-    candidates = [
-        candidate(request, w, ctx.cached_blocks.get(w.worker_id, 0), ctx.stage) for w in alive
-    ]
-    weights = profile.weights
-    names = tuple(ws.scorer.name for ws in profile.scorers)
+    cached_blocks, stage = ctx.cached_blocks, ctx.stage
+    candidates = [candidate(request, w, cached_blocks.get(w.worker_id, 0), stage) for w in alive]
+    names = profile.scorer_names
     per_scorer: list[Sequence[float]] = []
     totals = [0.0] * len(candidates)
     if candidates:
-        for ws, weight in zip(profile.scorers, weights, strict=True):
-            t0 = clock() if clock is not None else 0.0
-            values = ws.scorer.score(request, candidates, ctx)
-            if clock is not None:
+        for ws, weight in zip(profile.scorers, profile.weights, strict=True):
+            if clock is None:
+                values = ws.scorer.score(request, candidates, ctx)
+            else:
+                t0 = clock()
+                values = ws.scorer.score(request, candidates, ctx)
                 seconds[ws.scorer.name] = seconds.get(ws.scorer.name, 0.0) + clock() - t0
             if len(values) != len(candidates):
                 raise ValueError(f"scorer {ws.scorer.name} returned a wrong-sized list")
             per_scorer.append(values)
             totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
-    columns = dict(zip(names, per_scorer, strict=True)) if candidates else {}
     chosen = profile.picker.pick(candidates, totals, rng) if candidates else None
     scored = tuple(
         CandidateScore(
-            worker_id=c.worker_id,
+            worker_id=c.worker.worker_id,
             total=totals[i],
-            scores=MappingProxyType({n: float(v[i]) for n, v in columns.items()}),
+            scores=MappingProxyType(
+                {n: float(v[i]) for n, v in zip(names, per_scorer, strict=True)}
+            ),
             cached_blocks=c.cached_blocks,
             ttft_ms=c.ttft_ms,
             itl_ms=c.itl_ms,
         )
         for i, c in enumerate(candidates)
     )
-    weight_map: Mapping[str, float] = MappingProxyType(dict(zip(names, weights, strict=True)))
     trace = StageTrace(
-        stage=ctx.stage,
+        stage=stage,
         profile=profile.name,
         rejections=tuple(sorted(rejections, key=lambda r: r.worker_id)),
         candidates=scored,
-        weights=weight_map,
+        weights=profile.weight_map,
         chosen=None if chosen is None else candidates[chosen].worker_id,
         plugin_seconds=MappingProxyType(seconds),
     )
@@ -369,6 +373,11 @@ def lendable_prefill_workers(
     return lent, tuple(rejected)
 
 
+_AGGREGATED = DisaggregationVerdict(False, "aggregated route asked for")
+_NO_PREFILL_WORKER = DisaggregationVerdict(False, "no prefill worker")
+"""Verdicts that hold no numbers (immutable: one object each)."""
+
+
 def local_prefill_verdict(
     request: RouteRequest,
     decode: Candidate,
@@ -385,9 +394,9 @@ def local_prefill_verdict(
     borrowed (``lendable_prefill_workers``; None: none asked for): a long prompt must not
     queue ahead of the base pool's interactive prompts."""
     if aggregated:
-        return DisaggregationVerdict(False, "aggregated route asked for")
+        return _AGGREGATED
     if not has_prefill:
-        return DisaggregationVerdict(False, "no prefill worker")
+        return _NO_PREFILL_WORKER
     w = decode.worker
     if w.pool == LONG_CONTEXT_POOL and not pool_has_prefill and not lendable:
         return DisaggregationVerdict(
