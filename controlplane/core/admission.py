@@ -613,6 +613,17 @@ class AdmissionController:
             vtc_counters=MappingProxyType({t.name: t.counter for t in ts}),
         )
 
+    @property
+    def queued(self) -> int:
+        """Requests queued now (``stats().queued``)."""
+        return len(self._queued)
+
+    def queue_depths(self) -> tuple[tuple[str, int], ...]:
+        """(class, requests queued in it) for every class of the table (what
+        ``stats().queued_by_class`` says; cheaper, for a caller that asks after every
+        request)."""
+        return tuple(self._class_len.items())
+
     def is_queued(self, request_id: str) -> bool:
         return request_id in self._queued
 

@@ -271,6 +271,8 @@ class Gateway:
         """worker id -> this gateway's requests decoding there: (timer, max_tokens, ITL target
         ms, expected output tokens) by the request's ``id(Progress)``; their ITL budgets steer
         local prefills."""
+        self._slo: dict[str, tuple[SlaClass, SloTargets]] = {}
+        """SLA class name -> the class object last seen and its ``SloTargets``."""
         self._output_tokens: dict[tuple[str, str], float] = {}
         """(model, SLA class) -> output tokens of its recent completed requests (an
         exponentially weighted mean, ``OUTPUT_TOKENS_WEIGHT`` per request)."""
@@ -394,6 +396,7 @@ class Gateway:
                 block_size=facts.block_size,
                 block_hashes=hash_blocks(prompt, facts.block_size),
                 tenant=tenant,
+                deployment=self.sla_router.deployment_facts(model),
             )
             timed = self._decisions % self.plugin_timing_every == 0
             self._decisions += 1
@@ -548,7 +551,7 @@ class Gateway:
                 self._output_tokens[key] = (
                     n if mean is None else mean + OUTPUT_TOKENS_WEIGHT * (n - mean)
                 )
-            reason = m.record_slo(tenant, model, sla.name, SloTargets.of(sla), outcome)
+            reason = m.record_slo(tenant, model, sla.name, self._slo_targets(sla), outcome)
             if disconnected:
                 m.child(m.aborts, model, "client_disconnect").inc()
             elif failed:
@@ -567,6 +570,13 @@ class Gateway:
             )
             tracing.end_span(span, f"status {status}" if failed else None)
         return reason
+
+    def _slo_targets(self, sla: SlaClass) -> SloTargets:
+        """``SloTargets.of(sla)``, made once per class object."""
+        hit = self._slo.get(sla.name)
+        if hit is None or hit[0] is not sla:
+            hit = self._slo[sla.name] = (sla, SloTargets.of(sla))
+        return hit[1]
 
     def _failed(self, model: str, worker: WorkerSnapshot) -> None:
         if self.breakers.record_failure(worker.worker_id, self.clock()):
@@ -613,24 +623,35 @@ class Gateway:
                     yield TokenChunk((), "length")
                     return
                 attempt_prompt = prompt + tuple(sent)
-                route_now = functools.partial(
-                    self._route_or_hold,
+                excluded = frozenset(exclude)
+                routed = self._route_or_hold(
                     model,
                     attempt_prompt,
                     remaining,
-                    frozenset(exclude),
+                    excluded,
                     aggregated,
                     sla_class=sla_class,
                     tenant=tenant,
                     progress=progress,
                     request_id=request_id,
+                    hold_late=moves == 0 and self.late_policy.enabled,
                 )
-                routed = route_now(hold_late=moves == 0 and self.late_policy.enabled)
                 if isinstance(routed, Held):
                     held_s = await self._hold_late(
                         model, attempt_prompt, remaining, sla_class, tenant
                     )
-                    routed = route_now(held_s=held_s)
+                    routed = self._route_or_hold(
+                        model,
+                        attempt_prompt,
+                        remaining,
+                        excluded,
+                        aggregated,
+                        sla_class=sla_class,
+                        tenant=tenant,
+                        progress=progress,
+                        request_id=request_id,
+                        held_s=held_s,
+                    )
                 assert isinstance(routed, Route)
                 route = routed
                 attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"
@@ -672,7 +693,9 @@ class Gateway:
                             generated.inc(len(ids))
                         sent.extend(ids)
                         progress.tokens = len(sent)
-                        yield TokenChunk(ids, finish)
+                        # (immutable: passed on as it came unless cut at a stop id)
+                        same = ids is chunk.token_ids and finish is chunk.finish_reason
+                        yield chunk if same else TokenChunk(ids, finish)
                         if finish is not None:
                             return
                     raise WorkerFailed(
@@ -733,6 +756,7 @@ class Gateway:
             block_size=facts.block_size,
             block_hashes=hash_blocks(prompt, facts.block_size),
             tenant=tenant,
+            deployment=self.sla_router.deployment_facts(model),
         )
         sla_router, policy = self.sla_router, self.late_policy
 
@@ -753,7 +777,7 @@ class Gateway:
         m.child(m.late_hold, model).observe(held_s)
         return held_s
 
-    async def _attempt(
+    def _attempt(
         self,
         request_id: str,
         route: Route,
@@ -763,22 +787,42 @@ class Gateway:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         """One route's worth of tokens; raises ``WorkerFailed`` when a worker fails it.
-        ``metadata``: gRPC metadata for the workers (the trace context)."""
+        ``metadata``: gRPC metadata for the workers (the trace context). The caller closes
+        it (``aclose``) when done."""
+        decode = route.decode
+        if route.prefill is None and (
+            sampling.max_tokens != 1 or self._tokens_to(decode) or decode.endpoint in self._no_unary
+        ):
+            # aggregated and streamed: the decode stream itself (one generator less per token)
+            request = worker_pb2.DecodeRequest(
+                request_id=request_id,
+                prompt_token_ids=list(prompt),
+                sampling=self._sampling_pb(sampling),
+            )
+            return self._decode(decode, request, metadata)
+        return self._attempt_stream(request_id, route, prompt, sampling, model, metadata)
+
+    async def _attempt_stream(
+        self,
+        request_id: str,
+        route: Route,
+        prompt: tuple[int, ...],
+        sampling: SamplingParams,
+        model: str,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """``_attempt`` of a one-token aggregated attempt (``DecodeUnary``, else a stream) or
+        a disaggregated one (``Prefill`` then ``Decode``)."""
         sampling_pb = self._sampling_pb(sampling)
         decode = route.decode
         if route.prefill is None:
             request = worker_pb2.DecodeRequest(
                 request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
             )
-            if (
-                sampling.max_tokens == 1
-                and not self._tokens_to(decode)
-                and decode.endpoint not in self._no_unary
-            ):
-                one = await self._decode_unary(decode, request, metadata)
-                if one is not None:
-                    yield one
-                    return
+            one = await self._decode_unary(decode, request, metadata)
+            if one is not None:
+                yield one
+                return
             # closed here, not by the event loop's finalizer a turn later (a task per request;
             # the worker's in-flight count would lag)
             async with contextlib.aclosing(self._decode(decode, request, metadata)) as chunks:

@@ -150,6 +150,15 @@ class TenantLedger:
         self._by_worker.pop(worker_id, None)
 
 
+_StateKey = tuple[WorkerSnapshot, str, TimingModel, str | None, tuple[DecodeProgress, ...]]
+"""What a ``WorkerState`` is built from: snapshot, model, timing, pool, decoding."""
+
+
+def _same_key(a: _StateKey, b: _StateKey) -> bool:
+    """Snapshot and timing by identity (both immutable), the rest by value."""
+    return a[0] is b[0] and a[2] is b[2] and a[1] == b[1] and a[3] == b[3] and a[4] == b[4]
+
+
 @dataclass(frozen=True, slots=True)
 class Held:
     """``route_request`` 's answer when its ``hold`` said to hold the request back."""
@@ -195,6 +204,13 @@ class SlaGatewayRouter:
         self.decoding_for: Callable[[str], tuple[DecodeProgress, ...]] | None = None
         """worker id -> the requests this gateway has decoding there (their ITL budgets);
         set by the ``Gateway`` that owns the request path. None: not tracked."""
+        self._states: dict[str, tuple[_StateKey, WorkerState]] = {}
+        """worker id -> its last ``WorkerState`` and what it was built from (``_prepare``)."""
+
+    def deployment_facts(self, model: str) -> DeploymentFacts:
+        """The model's deployment facts (``facts_for``; ``NO_DEPLOYMENT`` without it): what
+        ``route_request`` fills in for a request that comes without them."""
+        return NO_DEPLOYMENT if self._facts_for is None else self._facts_for(model)
 
     def route(
         self,
@@ -300,16 +316,27 @@ class SlaGatewayRouter:
             facts = self._facts_for(request.model)
             if facts is not NO_DEPLOYMENT:
                 request = replace(request, deployment=facts)
-        states = [
-            worker_state(
+        model = request.model
+        cache = self._states
+        states: list[WorkerState] = []
+        for w in workers:
+            key = (
                 w,
-                model=request.model,
-                timing=self._timing_for(request.model, w),
-                pool=None if self._pool_for is None else self._pool_for(w),
-                decoding=() if self.decoding_for is None else self.decoding_for(w.worker_id),
+                model,
+                self._timing_for(model, w),
+                None if self._pool_for is None else self._pool_for(w),
+                () if self.decoding_for is None else self.decoding_for(w.worker_id),
             )
-            for w in workers
-        ]
+            hit = cache.get(w.worker_id)
+            # the same snapshot object (``WorkersView.snapshots`` rebuilds one only when its
+            # worker changed) and the same inputs: the same state, not built again
+            if hit is not None and _same_key(hit[0], key):
+                states.append(hit[1])
+                continue
+            _, _, timing, pool, decoding = key
+            state = worker_state(w, model=model, timing=timing, pool=pool, decoding=decoding)
+            cache[w.worker_id] = (key, state)
+            states.append(state)
         return request, states
 
     def apply_kv_events(self, worker_id: str, events: Iterable[KvEventLike]) -> None:
@@ -319,6 +346,7 @@ class SlaGatewayRouter:
     def forget_worker(self, worker_id: str) -> None:
         self.core.index.forget_worker(worker_id)
         self.ledger.forget_worker(worker_id)
+        self._states.pop(worker_id, None)
 
 
 def _clean(text: str) -> str:

@@ -97,6 +97,8 @@ class TenantGate:
         self._class_tables: dict[str, Mapping[str, SlaClass]] = {}
         self._running: dict[str, int] = {}
         self._waiting: dict[str, tuple[str, asyncio.Future[Admitted]]] = {}
+        self._depths: dict[str, tuple[tuple[str, int], ...]] = {}
+        """model -> the queue depths its gauges were last set to (``_hand_out``)."""
 
     # -- who --------------------------------------------------------------------------------------
 
@@ -234,7 +236,8 @@ class TenantGate:
         ctl = self._controllers.get(model)
         if ctl is None:
             return
-        free = self._free(model)
+        # nothing queued: nothing to expire or admit (and no capacity to work out)
+        free = self._free(model) if ctl.queued else 0
         for outcome in ctl.on_capacity(self.clock(), free) if free > 0 else ():
             if isinstance(outcome, Admitted):
                 waiter = self._waiting.pop(outcome.request_id, None)
@@ -246,9 +249,11 @@ class TenantGate:
             else:
                 self._reject_waiter(outcome)
         if self.metrics is not None:  # also refreshed by ``run`` every expire_interval_s
-            by_class = ctl.stats().queued_by_class
-            for name in ctl.classes:
-                self.metrics.child(self.metrics.queue_depth, model, name).set(by_class.get(name, 0))
+            depths = ctl.queue_depths()
+            if self._depths.get(model) != depths:  # else every gauge has its value already
+                self._depths[model] = depths
+                for name, queued in depths:
+                    self.metrics.child(self.metrics.queue_depth, model, name).set(queued)
 
     def _reject_waiter(self, rejected: Rejected) -> None:
         waiter = self._waiting.pop(rejected.request_id, None)

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -142,6 +142,40 @@ def _add(counts: dict[str, int], key: str, n: int) -> None:
         counts.pop(key, None)
 
 
+class InFlight:
+    """``WorkersView.in_flight``: entering counts the request (and its pending prefill, the
+    ``PendingPrefill`` it returns); leaving, however it leaves, uncounts both. A class, not a
+    generator-based context manager: it is entered once or twice per request."""
+
+    __slots__ = ("_mark", "_prefill_tokens", "_view", "_worker_id")
+
+    def __init__(self, view: WorkersView, worker_id: str, prefill_tokens: int) -> None:
+        self._view, self._worker_id, self._prefill_tokens = view, worker_id, prefill_tokens
+        self._mark: PendingPrefill | None = None
+
+    def __enter__(self) -> PendingPrefill:
+        view, worker_id = self._view, self._worker_id
+        _add(view.inflight, worker_id, 1)
+        self._mark = PendingPrefill(
+            view.pending_prefill, worker_id, self._prefill_tokens, view.pending_prompts
+        )
+        return self._mark
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mark is not None:
+            self._mark.done()
+            self._mark = None
+            _add(self._view.inflight, self._worker_id, -1)
+
+
+def _facts_of(records: list[WorkerRecord]) -> tuple[int, int]:
+    sizes = [r.max_context_tokens for r in records if r.max_context_tokens > 0]
+    thresholds = [
+        r.long_context_threshold_tokens for r in records if r.long_context_threshold_tokens > 0
+    ]
+    return min(sizes, default=0), min(thresholds, default=0)
+
+
 _NO_LOAD = LoadReport()
 """The load of a worker that has not reported yet (shared; never changed)."""
 
@@ -225,6 +259,8 @@ class WorkersView:
             str, tuple[WorkerRecord, LoadReport, tuple[int, int, int, bool, bool], WorkerSnapshot]
         ] = {}
         """Each worker's last snapshot and what it was built from (``snapshots``)."""
+        self._facts_cache: dict[str, tuple[list[WorkerRecord], tuple[int, int]]] = {}
+        """model -> its records list and ``_record_facts`` of it."""
         self._stats_tasks: dict[str, asyncio.Task[None]] = {}
         self.synced = asyncio.Event()
         self.deployments_synced = asyncio.Event()
@@ -249,8 +285,21 @@ class WorkersView:
         )
 
     def max_context_tokens(self, model: str) -> int:
-        sizes = [r.max_context_tokens for r in self.records(model) if r.max_context_tokens > 0]
-        return min(sizes, default=0)
+        """The smallest context window of the model's workers (0: none says)."""
+        return self._record_facts(model)[0]
+
+    def _record_facts(self, model: str) -> tuple[int, int]:
+        """(``max_context_tokens``, ``long_context_threshold_tokens``) of the model's records,
+        worked out once per records list (``_replace`` makes new lists, never changes one)."""
+        records = self._by_model.get(model)
+        if records is None:
+            return _facts_of([])
+        hit = self._facts_cache.get(model)
+        if hit is not None and hit[0] is records:
+            return hit[1]
+        facts = _facts_of(records)
+        self._facts_cache[model] = (records, facts)
+        return facts
 
     def snapshots(self, model: str, circuit_allows: Callable[[str], bool]) -> list[WorkerSnapshot]:
         """The model's workers as the routers see them now. A worker whose record and last
@@ -303,25 +352,13 @@ class WorkersView:
     def long_context_threshold_tokens(self, model: str) -> int:
         """The threshold the model's worker records carry (the smallest > 0), else 0: for
         workers started by hand, without a deployment record."""
-        values = [
-            r.long_context_threshold_tokens
-            for r in self.records(model)
-            if r.long_context_threshold_tokens > 0
-        ]
-        return min(values, default=0)
+        return self._record_facts(model)[1]
 
-    @contextlib.contextmanager
-    def in_flight(self, worker_id: str, prefill_tokens: int = 0) -> Iterator[PendingPrefill]:
-        """Count a request on ``worker_id`` for its duration; with ``prefill_tokens``, also
-        count its prompt as pending prefill there until ``mark.done()`` (its first token) or
-        the end, whichever is first."""
-        _add(self.inflight, worker_id, 1)
-        mark = PendingPrefill(self.pending_prefill, worker_id, prefill_tokens, self.pending_prompts)
-        try:
-            yield mark
-        finally:
-            mark.done()
-            _add(self.inflight, worker_id, -1)
+    def in_flight(self, worker_id: str, prefill_tokens: int = 0) -> InFlight:
+        """Count a request on ``worker_id`` for its duration (a context manager); with
+        ``prefill_tokens``, also count its prompt as pending prefill there until
+        ``mark.done()`` (its first token) or the end, whichever is first."""
+        return InFlight(self, worker_id, prefill_tokens)
 
     # --- the loops ------------------------------------------------------------------------------
 
@@ -383,6 +420,7 @@ class WorkersView:
         for r in sorted(records.values(), key=lambda r: r.worker_id):
             by_model.setdefault(r.model, []).append(r)
         self._by_model = by_model
+        self._facts_cache.clear()  # (the identity check alone would keep left models)
         for worker_id, rec in after.items():
             old = before.get(worker_id)
             if old is None or old.endpoint != rec.endpoint:

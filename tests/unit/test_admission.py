@@ -461,6 +461,10 @@ def test_every_request_ends_exactly_once(seed: int) -> None:
         stats = c.stats()
         assert stats.queued == sum(1 for s in state.values() if s == "queued")
         assert stats.queued == sum(stats.queued_by_class.values())
+        assert c.queued == stats.queued
+        assert dict(c.queue_depths()) == dict(stats.queued_by_class)
+        if not c.queued:  # what the gateway skips: nothing to expire or admit
+            assert c.on_capacity(now, free) == []
         assert all(c.is_queued(r) == (s == "queued") for r, s in state.items())
         assert stats.in_flight_by_tenant.get("b", 0) <= 1
         assert stats.in_flight_by_tenant.get("a", 0) <= 2
@@ -607,6 +611,7 @@ def test_reconfigure_swaps_classes_and_rejects_only_queued_requests_of_removed_o
     assert rejected[0].retry_after_header is not None
     assert set(c.classes) == {"realtime", "standard"}
     assert c.stats().queued_by_class == {"realtime": 0, "standard": 1}
+    assert dict(c.queue_depths()) == {"realtime": 0, "standard": 1}  # every class, none gone
     with pytest.raises(InvalidArgument, match="unknown SLA class 'batch'"):
         c.submit(req("b2", cls="batch"), 1.1, True)
     assert isinstance(c.submit(req("r1", cls="realtime"), 1.2, False), Queued)

@@ -4,6 +4,7 @@ summary (debug header), the view feeding KV events to the prefix index, and ``Ga
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any, cast
 
@@ -127,6 +128,42 @@ def test_summary_names_workers_and_deciders_and_is_bounded() -> None:
     weird = route_summary(Route(snap("w\r\nX-Evil: 1" + "é" * 1000)), policy="least_loaded")
     assert len(weird) == MAX_SUMMARY_CHARS and weird.endswith("...")
     assert weird.isascii() and "\r" not in weird and "\n" not in weird
+
+
+def test_worker_states_are_built_again_only_when_what_they_come_from_changes() -> None:
+    from controlplane.core.routing import DecodeProgress, RouteRequest
+    from controlplane.gateway.sla_routing import worker_state
+
+    router = sla_adapter()
+    request = RouteRequest(model="m", prompt_tokens=20, max_tokens=4, block_size=16)
+    workers = [snap("d1"), snap("d2")]
+    _, first = router._prepare(request, workers)
+    _, again = router._prepare(request, workers)
+    assert all(a is b for a, b in zip(first, again, strict=True))  # the same snapshots
+    busy = dataclasses.replace(workers[0], running=3, inflight_here=1)
+    _, changed = router._prepare(request, [busy, workers[1]])
+    assert changed[0] is not first[0] and changed[1] is first[1]
+    assert changed[0] == worker_state(busy, model="m", timing=TINY)
+    progress = (DecodeProgress(itl_target_ms=50.0, tokens=2, max_tokens=8),)
+    router.decoding_for = lambda wid: progress if wid == "d2" else ()
+    _, decoding = router._prepare(request, [busy, workers[1]])
+    assert decoding[0] is changed[0] and decoding[1].decoding == progress
+    _, other_model = router._prepare(dataclasses.replace(request, model="m2"), [busy])
+    assert other_model[0].model == "m2"
+    router.forget_worker("d2")  # it left: nothing of it is kept
+    assert "d2" not in router._states
+
+
+def test_context_window_and_long_context_threshold_follow_the_records() -> None:
+    view = QuietView()
+    small = dataclasses.replace(rec("d2"), max_context_tokens=1024)
+    view.put(rec("d1"), dataclasses.replace(small, long_context_threshold_tokens=900))
+    assert view.max_context_tokens("sim-model") == 1024
+    assert view.long_context_threshold_tokens("sim-model") == 900
+    view.put(rec("d1"))
+    assert view.max_context_tokens("sim-model") == 2048
+    assert view.long_context_threshold_tokens("sim-model") == 0
+    assert view.max_context_tokens("unknown") == 0
 
 
 # --- the view feeds the prefix index -------------------------------------------------------------

@@ -103,3 +103,27 @@ def test_the_view_counts_pending_prompts_for_the_router() -> None:
         assert (snap.pending_prefill_tokens, snap.pending_prefill_prompts) == (3000, 1)
     (snap,) = view.snapshots("sim-model", lambda _: True)
     assert (snap.pending_prefill_tokens, snap.pending_prefill_prompts) == (0, 0)
+
+
+def test_the_views_in_flight_count_ends_with_its_block_even_on_an_error() -> None:
+    from tests.unit.test_gateway_sla_wiring import QuietView, rec
+
+    view = QuietView()
+    view.put(rec("d1"))
+    seen: list[object] = []
+
+    def failing_call() -> None:
+        with view.in_flight("d1", 500):
+            seen.append(
+                (dict(view.inflight), dict(view.pending_prefill), dict(view.pending_prompts))
+            )
+            raise RuntimeError("the call failed")
+
+    with pytest.raises(RuntimeError):
+        failing_call()
+    assert seen == [({"d1": 1}, {"d1": 500}, {"d1": 1})]
+    assert (view.inflight, view.pending_prefill, view.pending_prompts) == ({}, {}, {})
+    with view.in_flight("d1") as mark:  # no prompt to prefill there: counted in flight only
+        assert (view.inflight, view.pending_prefill) == ({"d1": 1}, {})
+        mark.done()
+    assert view.inflight == {}
