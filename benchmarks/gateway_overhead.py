@@ -673,7 +673,14 @@ def main() -> int:
     p.add_argument("--profile-raw", default="", help="also keep py-spy's collapsed stacks here")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 s points")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/gateway_overhead.json"))
+    p.add_argument(
+        "--replot", default="", help="only draw the PNG of this results file (beside it)"
+    )
     a = p.parse_args()
+    if a.replot:
+        doc = json.loads(Path(a.replot).read_text())
+        plot(doc, Path(a.replot).with_suffix(".png"))
+        return 0
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     a.gateway_processes = [int(n) for n in a.gateway_processes.split(",")]
     a.modes = [m.strip() for m in a.modes.split(",")]
@@ -751,8 +758,45 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    plot(doc, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Non-streaming requests/s per system at each concurrency, and added p50 at c1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {k: v for k, v in doc["results"].items() if v.get("status") == "ok" and "json" in v}
+    names = list(ok)
+    concurrency = [str(c) for c in doc["method"]["concurrency"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(1, len(concurrency))
+    for j, conns in enumerate(concurrency):
+        left.bar(
+            [i + j * width for i in range(len(names))],
+            [ok[n]["json"].get(conns, {}).get("rps", 0.0) for n in names],
+            width,
+            label=f"c{conns}",
+        )
+    left.set_xticks([i + width * (len(concurrency) - 1) / 2 for i in range(len(names))])
+    left.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    left.set_ylabel("requests/s (non-streaming, max_tokens=1)")
+    left.legend(fontsize=8)
+    first = concurrency[0]
+    right.bar(names, [ok[n]["json"].get(first, {}).get("added_p50_ms", 0.0) for n in names])
+    right.axhline(TARGET_ADDED_P50_MS, color="k", ls=":", lw=1, label="target")
+    right.set_xticks(range(len(names)))
+    right.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    right.set_ylabel(f"added p50 latency at c{first}, ms")
+    right.legend(fontsize=8)
+    fig.suptitle(f"Gateway overhead, {doc['when']} (2 shared cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
