@@ -99,9 +99,10 @@ class UvicornServer(uvicorn.Server):
         yield
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening, non-blocking TCP socket; ``reuse_port``: SO_REUSEPORT, so several processes
-    listen on the same port and the kernel spreads new connections between them."""
+def bound_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free one), not listening yet;
+    ``reuse_port``: SO_REUSEPORT, so several processes listen on the same port and the kernel
+    spreads new connections between them."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
@@ -111,6 +112,12 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.s
     except OSError:
         sock.close()
         raise
+    return sock
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking ``bound_socket``."""
+    sock = bound_socket(host, port, reuse_port=reuse_port)
     sock.listen(2048)
     sock.setblocking(False)
     return sock

@@ -623,35 +623,24 @@ class Gateway:
                     yield TokenChunk((), "length")
                     return
                 attempt_prompt = prompt + tuple(sent)
-                excluded = frozenset(exclude)
-                routed = self._route_or_hold(
+                route_now = functools.partial(
+                    self._route_or_hold,
                     model,
                     attempt_prompt,
                     remaining,
-                    excluded,
+                    frozenset(exclude),
                     aggregated,
                     sla_class=sla_class,
                     tenant=tenant,
                     progress=progress,
                     request_id=request_id,
-                    hold_late=moves == 0 and self.late_policy.enabled,
                 )
+                routed = route_now(hold_late=moves == 0 and self.late_policy.enabled)
                 if isinstance(routed, Held):
                     held_s = await self._hold_late(
                         model, attempt_prompt, remaining, sla_class, tenant
                     )
-                    routed = self._route_or_hold(
-                        model,
-                        attempt_prompt,
-                        remaining,
-                        excluded,
-                        aggregated,
-                        sla_class=sla_class,
-                        tenant=tenant,
-                        progress=progress,
-                        request_id=request_id,
-                        held_s=held_s,
-                    )
+                    routed = route_now(held_s=held_s)
                 assert isinstance(routed, Route)
                 route = routed
                 attempt_id = request_id if moves == 0 else f"{request_id}.m{moves}"

@@ -56,6 +56,7 @@ from prometheus_client import multiprocess
 from controlplane.errors import SwitchboardError
 from controlplane.gateway.main import GatewaySettings, split_address
 from controlplane.telemetry.metrics import MULTIPROC_DIR_ENV
+from workers.openai_main import bound_socket
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,7 @@ def die_with_parent() -> None:
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` with SO_REUSEPORT that never listens: it holds the port
     (port 0: picks one) for processes that listen on it with SO_REUSEPORT."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return bound_socket(host, port, reuse_port=True)
 
 
 @dataclasses.dataclass
