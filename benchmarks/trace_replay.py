@@ -1236,7 +1236,7 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"Trace replay rate sweep, fleet {doc['method']['fleet']} sim workers "
+        f"Trace replay rate sweep, fleet {doc['method']['fleet']} sim workers\n"
         f"({doc['method']['profile']}), {doc['when']}",
         fontsize=10,
     )
