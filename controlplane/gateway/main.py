@@ -204,7 +204,7 @@ async def run_gateway(
         asyncio.create_task(peers.run(), name="gateway-peers"),
     ]
     # what must have been read from etcd before this gateway answers as itself
-    loaded = [deployments.ever_synced]
+    loaded = [view.synced, deployments.ever_synced]
     if gate is None and settings.auth == "tenants":
         tenants = TenantCache(EtcdTenantStore(client, settings.etcd.prefix))
         background.append(asyncio.create_task(tenants.run(), name="tenants"))
@@ -242,7 +242,7 @@ async def run_gateway(
         whoami=whoami,
         metrics_registry=serving_registry(metrics),
         siblings=siblings.others if siblings is not None else None,
-        ready=lambda: view.synced.is_set() and all(e.is_set() for e in loaded),
+        ready=lambda: all(e.is_set() for e in loaded),
     )
     # A single gateway binds at once (port 0 resolves before its record is written) and serves
     # while it syncs (/health says "syncing"); one of several processes on a shared port
@@ -292,7 +292,6 @@ async def run_gateway(
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(view.run(), name="workers-view")]
     tasks.append(asyncio.create_task(registration.run(), name="registration"))
     tasks += background
-    synced = [view.synced, *loaded]
 
     async def open_doors() -> asyncio.Task[None]:
         if grpc_server is not None:
@@ -312,7 +311,7 @@ async def run_gateway(
         if not settings.reuse_port:
             http_task = await open_doors()
         with contextlib.suppress(TimeoutError):  # serve anyway: /health says "syncing"
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in synced)), 10.0)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in loaded)), 10.0)
         if settings.reuse_port:
             http_task = await open_doors()
         tune_gc()

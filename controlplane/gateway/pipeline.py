@@ -778,47 +778,54 @@ class Gateway:
         """One route's worth of tokens; raises ``WorkerFailed`` when a worker fails it.
         ``metadata``: gRPC metadata for the workers (the trace context). The caller closes
         it (``aclose``) when done."""
-        decode = route.decode
-        if route.prefill is None and (
-            sampling.max_tokens != 1 or self._tokens_to(decode) or decode.endpoint in self._no_unary
-        ):
-            # aggregated and streamed: the decode stream itself (one generator less per token)
-            request = worker_pb2.DecodeRequest(
-                request_id=request_id,
-                prompt_token_ids=list(prompt),
-                sampling=self._sampling_pb(sampling),
+        decode, prefill = route.decode, route.prefill
+        sampling_pb = self._sampling_pb(sampling)
+        if prefill is not None:
+            return self._disaggregated(
+                request_id, decode, prefill, prompt, sampling, sampling_pb, model, metadata
             )
-            return self._decode(decode, request, metadata)
-        return self._attempt_stream(request_id, route, prompt, sampling, model, metadata)
+        request = worker_pb2.DecodeRequest(
+            request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
+        )
+        if (
+            sampling.max_tokens == 1
+            and not self._tokens_to(decode)
+            and decode.endpoint not in self._no_unary
+        ):
+            return self._unary_else_stream(decode, request, metadata)
+        # aggregated and streamed: the decode stream itself (one generator less per token)
+        return self._decode(decode, request, metadata)
 
-    async def _attempt_stream(
+    async def _unary_else_stream(
+        self,
+        decode: WorkerSnapshot,
+        request: worker_pb2.DecodeRequest,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """A one-token aggregated attempt: ``DecodeUnary``, else the decode stream."""
+        one = await self._decode_unary(decode, request, metadata)
+        if one is not None:
+            yield one
+            return
+        # closed here, not by the event loop's finalizer a turn later (a task per request;
+        # the worker's in-flight count would lag)
+        async with contextlib.aclosing(self._decode(decode, request, metadata)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _disaggregated(
         self,
         request_id: str,
-        route: Route,
+        decode: WorkerSnapshot,
+        prefill: WorkerSnapshot,
         prompt: tuple[int, ...],
         sampling: SamplingParams,
+        sampling_pb: inference_pb2.SamplingParams,
         model: str,
-        metadata: tuple[tuple[str, str], ...] | None = None,
+        metadata: tuple[tuple[str, str], ...] | None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        """``_attempt`` of a one-token aggregated attempt (``DecodeUnary``, else a stream) or
-        a disaggregated one (``Prefill`` then ``Decode``)."""
-        sampling_pb = self._sampling_pb(sampling)
-        decode = route.decode
-        if route.prefill is None:
-            request = worker_pb2.DecodeRequest(
-                request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
-            )
-            one = await self._decode_unary(decode, request, metadata)
-            if one is not None:
-                yield one
-                return
-            # closed here, not by the event loop's finalizer a turn later (a task per request;
-            # the worker's in-flight count would lag)
-            async with contextlib.aclosing(self._decode(decode, request, metadata)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
-        prefill = route.prefill
+        """A disaggregated attempt: ``Prefill`` (its token goes out at once), then ``Decode``
+        with the KV handle; NOT_FOUND before the decode's first token prefills once more."""
         res = await self._prefill(prefill, request_id, prompt, sampling_pb, metadata)
         first = res.first_token_id
         handed = False
