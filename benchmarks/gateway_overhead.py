@@ -51,6 +51,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,17 @@ def body(stream: bool) -> bytes:
 
 
 # --- processes ------------------------------------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a CI timeout) exits through ``SystemExit``, so the ``finally`` that
+    stops every process this script started still runs (the default action skips it and leaves
+    the servers running)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class Procs:
@@ -300,6 +312,54 @@ def write_lua(tmp: Path, stream: bool, key: str) -> Path:
     return path
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (d / "stat").read_text().rpartition(")")[2].split()
+            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen or p not in stats:
+            continue
+        seen.add(p)
+        total += stats[p][1]
+        todo.extend(c for c, (parent, _) in stats.items() if parent == p)
+    return total
+
+
+class CpuMeter:
+    """CPU per request of the measured point, split by who spent it: the front door (the router
+    process and its children; none for direct), the two backends, and wrk (this script's reaped
+    children's usage). One sample before and one after the measured wrk run."""
+
+    def __init__(self, front: int | None, backends: list[int]) -> None:
+        self.front, self.backends = front, backends
+        self.start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def _sample(self) -> tuple[float, float, float]:
+        import resource
+
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        front = tree_cpu_s(self.front) if self.front is not None else 0.0
+        return front, sum(tree_cpu_s(b) for b in self.backends), kids.ru_utime + kids.ru_stime
+
+    def begin(self) -> None:
+        self.start = self._sample()
+
+    def per_request_us(self, requests: int) -> dict[str, float]:
+        end = self._sample()
+        names = ("front_door", "backends", "wrk")
+        n = max(requests, 1)
+        spent = zip(names, self.start, end, strict=True)
+        return {k: round((e - s) * 1e6 / n, 1) for k, s, e in spent}
+
+
 def run_wrk(url: str, script: Path, conns: int, seconds: float) -> dict[str, Any]:
     argv = [
         "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
@@ -341,6 +401,7 @@ def measure(
     procs: Procs,
     a: argparse.Namespace,
     scripts: dict[tuple[bool, bool], Path],
+    backend_pids: list[int],
     on_point: Callable[[str, str, int, ManagedProcess | None], None] | None = None,
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {"note": sys_.note} if sys_.note else {}
@@ -357,12 +418,16 @@ def measure(
                 run_wrk(url, script, conns, a.warmup)
                 if on_point is not None:
                     on_point(sys_.name, mode, conns, proc)
+                meter = CpuMeter(proc.pid if proc is not None else None, backend_pids)
+                meter.begin()
                 point = run_wrk(url, script, conns, a.duration)
+                point["cpu_us_per_request"] = meter.per_request_us(point["requests"])
                 entry.setdefault(mode, {})[str(conns)] = point
                 print(
                     f"  {sys_.name:28s} {mode:6s} c{conns:<3d} {point['rps']:9.0f} rps  "
                     f"p50 {point['p50_ms']:.3f} ms  p99 {point['p99_ms']:.3f} ms  "
-                    f"errors {point['errors']}",
+                    f"errors {point['errors']}  cpu us/request "
+                    + " ".join(f"{k} {v:.0f}" for k, v in point["cpu_us_per_request"].items()),
                     flush=True,
                 )
         entry["status"] = "ok"
@@ -633,6 +698,16 @@ def print_table(results: dict[str, Any], modes: list[str], concurrency: list[int
                 )
             print(row)
     print("\n(ms; +p50 = p50 minus direct's at the same mode and concurrency)")
+    print("\nCPU per request, non-streaming (us: front door / backends / wrk)")
+    for name, entry in results.items():
+        cells = []
+        for c in concurrency:
+            cpu = entry.get("json", {}).get(str(c), {}).get("cpu_us_per_request")
+            if cpu:
+                front, back, wrk = cpu["front_door"], cpu["backends"], cpu["wrk"]
+                cells.append(f"c{c} {front:5.0f} / {back:5.0f} / {wrk:4.0f}")
+        if cells:
+            print(f"{name:28s} | " + " | ".join(cells))
 
 
 def machine_info(a: argparse.Namespace) -> dict[str, Any]:
@@ -690,6 +765,7 @@ def main() -> int:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
 
+    exit_on_sigterm()
     procs = Procs()
     regs: Registrations | None = None
     results: dict[str, Any] = {}
@@ -702,6 +778,7 @@ def main() -> int:
             procs.add(etcd)
             key = asyncio.run(seed_etcd(etcd.endpoint))
             backends = [start_backend(tmp, i, procs) for i in range(2)]
+            backend_pids = [p.pid for p in procs.items if isinstance(p, ManagedProcess)]
             records = [
                 worker_record(i, ports[1], ports[2], a.worker_transport)
                 for i, ports in enumerate(backends)
@@ -720,7 +797,7 @@ def main() -> int:
                 flush=True,
             )
             for s in make_systems(a, tmp, etcd.endpoint, backends, key):
-                results[s.name] = measure(s, procs, a, scripts, hook)
+                results[s.name] = measure(s, procs, a, scripts, backend_pids, hook)
             if a.profile_gateway:
                 wait_for(lambda: "gateway_profile" in extra, 40, "py-spy")
         finally:

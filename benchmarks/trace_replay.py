@@ -90,6 +90,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.gateway_overhead import (  # noqa: E402
     Procs,
     Registrations,
+    exit_on_sigterm,
     peer_bin,
     peer_version,
     read_ports,
@@ -1509,6 +1510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {(t, c) for t, c in TRACE_CLASS.items()}
         | {("chat", "interactive"), ("long-context", "standard")}
     )
+    exit_on_sigterm()
     procs = Procs()
     etcd: EtcdServer | None = None
     keys: dict[str, str] = {}
