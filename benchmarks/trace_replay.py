@@ -1111,10 +1111,14 @@ def run_sweep(
                     ttft_ms=entry["ttft_ms"],
                     itl_ms=entry["itl_ms"],
                     errors=entry["errors"],
+                    prefix_hit_rate=entry.get("prefix_hit_rate"),
                     classes={k: v["attainment"] for k, v in entry["classes"].items()},
                     class_ttft_ms={k: v["ttft_ms"] for k, v in entry["classes"].items()},
                 )
-                print(f"     attainment {entry['attainment']:.1%}, goodput {entry['goodput_rps']}")
+                print(
+                    f"     attainment {entry['attainment']:.1%}, goodput {entry['goodput_rps']}, "
+                    f"prefix hit {entry.get('prefix_hit_rate')}"
+                )
             else:
                 point["error"] = entry.get("error")
             points[policy].append(point)
