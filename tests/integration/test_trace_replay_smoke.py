@@ -161,6 +161,7 @@ def test_small_sweep_writes_capacity(tmp_path: Path) -> None:
     points = sw["points"]["round_robin"]
     assert [p["rate_scale"] for p in points][:1] == [25.0]
     assert all(p["status"] == "ok" and p["requests"] == 4 for p in points)
+    assert all(p["prefix_hit_rate"] == 0.0 for p in points)  # azure-code: no shared prefixes
     # the second rate ran only if the first met the target; capacity is the best rate met
     met = [p["offered_rps_sim"] for p in points if p["attainment"] >= 0.9]
     assert sw["capacity_rps_at_90"]["round_robin"] == max(met, default=0.0)
