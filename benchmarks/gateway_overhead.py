@@ -50,6 +50,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -343,8 +344,6 @@ class CpuMeter:
         self.start: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def _sample(self) -> tuple[float, float, float]:
-        import resource
-
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         front = tree_cpu_s(self.front) if self.front is not None else 0.0
         return front, sum(tree_cpu_s(b) for b in self.backends), kids.ru_utime + kids.ru_stime
