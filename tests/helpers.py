@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from switchboard.v1 import control_plane_pb2, control_plane_pb2_grpc, nodes_pb2, nodes_pb2_grpc
@@ -251,3 +255,48 @@ def start_worker(
     ]  # fmt: skip
     proc = ManagedProcess(worker_id, argv, tmp / f"{worker_id}.log").start()
     return WorkerProc(proc, port_file, worker_id).wait_serving(ready_timeout_s)
+
+
+def start_ray_cluster(
+    head: dict[str, Any], nodes: Sequence[dict[str, Any]] = ()
+) -> tuple[Any, list[Any]]:
+    """A local Ray cluster (``ray.cluster_utils.Cluster``): a head started with ``head``'s
+    arguments and one more node per entry of ``nodes``, all registered; returns the cluster
+    and its nodes, head first. Ray waits a fixed 30 s for its GCS to write its port and for a
+    raylet to register; on a loaded 2-core machine each has timed out once in a CI run, so a
+    start that times out is tried once more on a fresh cluster, after stopping what the
+    failed one started (anything else is raised at once)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    for attempt in (1, 2):
+        cluster: Any = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args=head)
+            started = [cluster.head_node, *(cluster.add_node(**args) for args in nodes)]
+            cluster.wait_for_nodes()
+            return cluster, started
+        except Exception as e:
+            if cluster is not None:
+                cluster.shutdown()
+            else:  # the head never came up: its processes are nobody's to stop
+                kill_ray_session(str(e))
+            if attempt == 2 or "timed out" not in str(e).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def kill_ray_session(message: str) -> None:
+    """SIGKILL the processes whose command line names the Ray session directory that
+    ``message`` names (a head that failed to start)."""
+    m = re.search(r"(/\S*/session_[^/\s]+)", message)
+    if m is None:
+        return
+    session = m.group(1).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if session in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)

@@ -12,17 +12,16 @@ does not start); the reconciler retries an unavailable Ray, and so does this tes
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from controlplane.local.procs import EtcdServer
+from tests.helpers import start_ray_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,24 +34,18 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_client_address() -> Iterator[str]:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
     port = free_port()
-    cluster: Any = Cluster(
-        initialize_head=True,
-        head_node_args={
+    cluster, _ = start_ray_cluster(
+        {
             "node_ip_address": "127.0.0.1",
             "num_cpus": 2,
             "num_gpus": 1,
             "include_dashboard": False,
             "object_store_memory": 80 * 1024 * 1024,
             "ray_client_server_port": port,
-        },
+        }
     )
     try:
-        cluster.wait_for_nodes()
         yield f"ray://127.0.0.1:{port}"
     finally:
         cluster.shutdown()

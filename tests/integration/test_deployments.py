@@ -5,7 +5,6 @@ node agents bound to the Ray nodes, and a control plane whose leader places sim 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,13 @@ from controlplane.core.deployments import PoolRole
 from controlplane.core.model import WorkerRecord
 from controlplane.deployspec import spec_from_dict
 from controlplane.local.procs import EtcdServer, ManagedProcess
-from tests.helpers import ControlPlaneProc, start_agent, start_controlplane, wait_until
+from tests.helpers import (
+    ControlPlaneProc,
+    start_agent,
+    start_controlplane,
+    start_ray_cluster,
+    wait_until,
+)
 
 GPUS_PER_NODE = 4
 
@@ -41,31 +46,8 @@ class Stack:
         return deployments_pb2_grpc.DeploymentsStub(channel)
 
 
-def start_cluster(cluster_cls: Any, common: dict[str, Any]) -> tuple[Any, list[Any]]:
-    """A head and a second node. Ray gives a raylet 30 s (fixed) to register with the GCS; on
-    a loaded 2-core machine that has timed out once in a CI run, so a start that times out
-    is tried once more on a fresh cluster (anything else is raised at once)."""
-    for attempt in (1, 2):
-        cluster = cluster_cls(
-            initialize_head=True, head_node_args={**common, "include_dashboard": False}
-        )
-        try:
-            nodes = [cluster.head_node, cluster.add_node(**common)]
-            cluster.wait_for_nodes()
-            return cluster, nodes
-        except Exception as e:
-            cluster.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
     tmp = tmp_path_factory.mktemp("deployments")
     etcd = EtcdServer(tmp / "etcd", log_path=tmp / "etcd.log").start()
     common: dict[str, Any] = {
@@ -75,7 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "object_store_memory": 80 * 1024 * 1024,
     }
     try:
-        cluster, nodes = start_cluster(Cluster, common)
+        cluster, nodes = start_ray_cluster({**common, "include_dashboard": False}, [common])
     except BaseException:
         etcd.stop()
         raise

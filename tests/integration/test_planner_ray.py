@@ -12,7 +12,6 @@ stream running throughout: every request must succeed. Loops are bounded; nothin
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import urllib.error
@@ -30,7 +29,13 @@ from controlplane.adapters.grpc.deployments import ROLE_FROM_PB, spec_to_pb
 from controlplane.core.deployments import PoolRole
 from controlplane.deployspec import spec_from_dict
 from controlplane.local.procs import EtcdServer, ManagedProcess
-from tests.helpers import ControlPlaneProc, start_agent, start_controlplane, wait_until
+from tests.helpers import (
+    ControlPlaneProc,
+    start_agent,
+    start_controlplane,
+    start_ray_cluster,
+    wait_until,
+)
 from tests.integration.test_deployments import list_workers
 from tests.integration.test_gateway import create_tenants, start_gateway
 
@@ -54,20 +59,14 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
     tmp = tmp_path_factory.mktemp("planner")
     etcd = EtcdServer(tmp / "etcd", log_path=tmp / "etcd.log").start()
-    cluster: Any = Cluster(
-        initialize_head=True,
-        head_node_args={
+    cluster, _ = start_ray_cluster(
+        {
             "node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": 4,
             "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False,
-        },
+        }
     )  # fmt: skip
-    cluster.wait_for_nodes()
     procs: list[ManagedProcess] = []
     cp: ControlPlaneProc | None = None
     try:
