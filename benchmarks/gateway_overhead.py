@@ -313,16 +313,26 @@ def write_lua(tmp: Path, stream: bool, key: str) -> Path:
     return path
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its live descendants, from /proc."""
+ProcTable = dict[int, tuple[int, float]]
+"""pid -> (parent pid, CPU seconds user + system), from /proc."""
+
+
+def proc_table() -> ProcTable:
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
+    table: ProcTable = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = (d / "stat").read_text().rpartition(")")[2].split()
-            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            table[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def tree_cpu_s(pid: int, table: ProcTable | None = None) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live descendants (``table``: one read of
+    /proc shared by several calls; None: read it now)."""
+    stats = table if table is not None else proc_table()
     total, todo, seen = 0.0, [pid], set()
     while todo:
         p = todo.pop()
@@ -345,8 +355,10 @@ class CpuMeter:
 
     def _sample(self) -> tuple[float, float, float]:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        front = tree_cpu_s(self.front) if self.front is not None else 0.0
-        return front, sum(tree_cpu_s(b) for b in self.backends), kids.ru_utime + kids.ru_stime
+        table = proc_table()
+        front = tree_cpu_s(self.front, table) if self.front is not None else 0.0
+        backends = sum(tree_cpu_s(b, table) for b in self.backends)
+        return front, backends, kids.ru_utime + kids.ru_stime
 
     def begin(self) -> None:
         self.start = self._sample()

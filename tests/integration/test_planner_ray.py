@@ -61,12 +61,16 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("planner")
     etcd = EtcdServer(tmp / "etcd", log_path=tmp / "etcd.log").start()
-    cluster, _ = start_ray_cluster(
-        {
-            "node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": 4,
-            "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False,
-        }
-    )  # fmt: skip
+    try:
+        cluster, _ = start_ray_cluster(
+            {
+                "node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": 4,
+                "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False,
+            }
+        )  # fmt: skip
+    except BaseException:
+        etcd.stop()
+        raise
     procs: list[ManagedProcess] = []
     cp: ControlPlaneProc | None = None
     try:
