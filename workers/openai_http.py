@@ -62,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,8 +93,10 @@ from workers.openai_protocol import (
     Scope,
     Send,
     api_error,
+    cancel_on_disconnect,
     dispatch,
     model_not_found,
+    new_request_id,
     parse_generation,
     prepare,
     read_body,
@@ -104,7 +105,6 @@ from workers.openai_protocol import (
     send_error,
     send_json_response,
     send_stream_response,
-    watch_disconnect,
 )
 from workers.tokenizer import Tokenizer
 
@@ -275,7 +275,7 @@ class OpenAIApp:
             return
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
+        stop_watching = cancel_on_disconnect(scope, receive, exchange, task)
         span = None
         if self.tracer is not None:
             span = tracing.start_span(
@@ -296,7 +296,7 @@ class OpenAIApp:
             task.uncancel()  # we cancelled ourselves: the client is gone
             self.counters.disconnects += 1
         finally:
-            watcher.cancel()
+            stop_watching()
             tracing.detach(token)
             if span is not None:
                 span.set_attribute("http.status_code", status)
@@ -370,7 +370,7 @@ class OpenAIApp:
             return rid
         if kv is not None and kv.do_remote_prefill and kv.remote_request_id:
             return kv.remote_request_id
-        return uuid.uuid4().hex
+        return new_request_id()
 
     # -- the token stream: aggregated, prefill half or decode half --------------------------------
 

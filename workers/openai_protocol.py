@@ -15,7 +15,9 @@ pydantic and orjson only (no grpc, etcd or torch).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -416,6 +418,60 @@ async def watch_disconnect(
                 exchange.disconnected = True
                 handler.cancel()
             return
+
+
+def new_request_id() -> str:
+    """A request id: 32 hex digits, 16 drawn at random once per process and a 16-digit counter.
+    Unique across processes and gateway replicas as uuid4's are in practice, at a tenth of the
+    cost (no random draw per request)."""
+    return f"{_id_prefix}{next(_id_counter):016x}"
+
+
+def _new_id_source() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count()
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_new_id_source()
+os.register_at_fork(after_in_child=_new_id_source)  # a forked child draws its own prefix
+
+
+DISCONNECT_EXTENSION = "switchboard.disconnect"
+"""The scope extension of a server that reports a client's disconnect itself
+(controlplane/adapters/http/server.py): an object whose ``on_disconnect`` it calls, once, when
+the client goes away before the response is complete."""
+
+
+def cancel_on_disconnect(
+    scope: Scope, receive: Receive, exchange: Exchange, handler: asyncio.Task[Any]
+) -> Callable[[], None]:
+    """Cancel ``handler`` if the client disconnects before its response is complete (marking
+    ``exchange.disconnected``); returns the function that stops watching. Under a server with
+    ``DISCONNECT_EXTENSION`` that is a callback; otherwise a task waits on ``receive``
+    (``watch_disconnect``)."""
+    ext = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    if ext is not None:
+
+        def gone() -> None:
+            if not exchange.responded:
+                exchange.disconnected = True
+                handler.cancel()
+
+        ext.on_disconnect = gone
+
+        def stop() -> None:
+            ext.on_disconnect = None
+
+        return stop
+    watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, handler))
+
+    def cancel_watcher() -> None:
+        watcher.cancel()
+
+    return cancel_watcher
 
 
 async def send_body(

@@ -12,7 +12,6 @@ call aborts the workers' requests (the token stream's ``finally``).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from controlplane.gateway.http_app import bearer_token
 from controlplane.gateway.pipeline import Gateway, Progress
 from controlplane.telemetry import tracing
 from workers.engine import SamplingParams, TokenChunk
-from workers.openai_protocol import text_deltas
+from workers.openai_protocol import new_request_id, text_deltas
 from workers.tokenizer import Message
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -117,7 +116,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             stop_token_ids=tokenizer.eos_token_ids,
         )
         gw.validate(model, prompt, sampling)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or new_request_id()
         ticket = await self._admit(
             context,
             progress,

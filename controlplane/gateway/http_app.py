@@ -26,7 +26,6 @@ import logging
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -54,9 +53,11 @@ from workers.openai_protocol import (
     Scope,
     Send,
     api_error,
+    cancel_on_disconnect,
     dispatch,
     header,
     model_not_found,
+    new_request_id,
     parse_generation,
     prepare,
     read_body,
@@ -65,7 +66,6 @@ from workers.openai_protocol import (
     send_error,
     send_json_response,
     send_stream_response,
-    watch_disconnect,
 )
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class GatewayApp:
             return
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
+        stop_watching = cancel_on_disconnect(scope, receive, exchange, task)
         try:
             status = await self._serve(scope, body, send, exchange, state, progress, chat=chat)
             self.gateway.finish(route, str(status), state["model"], progress, error=status != 200)
@@ -281,7 +281,7 @@ class GatewayApp:
         finally:
             if state["model"]:
                 self.metrics.child(self.metrics.in_flight, state["model"]).dec()
-            watcher.cancel()
+            stop_watching()
 
     async def _serve(
         self,
@@ -320,7 +320,7 @@ class GatewayApp:
                     req, tokenizer, max_context_tokens=self.gateway.max_context_tokens(model)
                 )
                 self.gateway.validate(model, prepared.prompt, prepared.sampling)
-                request_id = request_id_header(scope) or uuid.uuid4().hex
+                request_id = request_id_header(scope) or new_request_id()
                 ticket = await self.gate.admit(
                     RequestContext(
                         request_id=request_id,
