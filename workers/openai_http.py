@@ -93,7 +93,6 @@ from workers.openai_protocol import (
     Scope,
     Send,
     api_error,
-    cancel_on_disconnect,
     dispatch,
     model_not_found,
     new_request_id,
@@ -105,6 +104,7 @@ from workers.openai_protocol import (
     send_error,
     send_json_response,
     send_stream_response,
+    watch_disconnect,
 )
 from workers.tokenizer import Tokenizer
 
@@ -275,7 +275,7 @@ class OpenAIApp:
             return
         task = asyncio.current_task()
         assert task is not None
-        stop_watching = cancel_on_disconnect(scope, receive, exchange, task)
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
         span = None
         if self.tracer is not None:
             span = tracing.start_span(
@@ -296,7 +296,7 @@ class OpenAIApp:
             task.uncancel()  # we cancelled ourselves: the client is gone
             self.counters.disconnects += 1
         finally:
-            stop_watching()
+            watcher.cancel()
             tracing.detach(token)
             if span is not None:
                 span.set_attribute("http.status_code", status)

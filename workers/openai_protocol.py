@@ -439,41 +439,6 @@ _new_id_source()
 os.register_at_fork(after_in_child=_new_id_source)  # a forked child draws its own prefix
 
 
-DISCONNECT_EXTENSION = "switchboard.disconnect"
-"""The scope extension of a server that reports a client's disconnect itself
-(controlplane/adapters/http/server.py): an object whose ``on_disconnect`` it calls, once, when
-the client goes away before the response is complete."""
-
-
-def cancel_on_disconnect(
-    scope: Scope, receive: Receive, exchange: Exchange, handler: asyncio.Task[Any]
-) -> Callable[[], None]:
-    """Cancel ``handler`` if the client disconnects before its response is complete (marking
-    ``exchange.disconnected``); returns the function that stops watching. Under a server with
-    ``DISCONNECT_EXTENSION`` that is a callback; otherwise a task waits on ``receive``
-    (``watch_disconnect``)."""
-    ext = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
-    if ext is not None:
-
-        def gone() -> None:
-            if not exchange.responded:
-                exchange.disconnected = True
-                handler.cancel()
-
-        ext.on_disconnect = gone
-
-        def stop() -> None:
-            ext.on_disconnect = None
-
-        return stop
-    watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, handler))
-
-    def cancel_watcher() -> None:
-        watcher.cancel()
-
-    return cancel_watcher
-
-
 async def send_body(
     send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]]
 ) -> None:

@@ -53,7 +53,6 @@ from workers.openai_protocol import (
     Scope,
     Send,
     api_error,
-    cancel_on_disconnect,
     dispatch,
     header,
     model_not_found,
@@ -66,6 +65,7 @@ from workers.openai_protocol import (
     send_error,
     send_json_response,
     send_stream_response,
+    watch_disconnect,
 )
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class GatewayApp:
             return
         task = asyncio.current_task()
         assert task is not None
-        stop_watching = cancel_on_disconnect(scope, receive, exchange, task)
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
         try:
             status = await self._serve(scope, body, send, exchange, state, progress, chat=chat)
             self.gateway.finish(route, str(status), state["model"], progress, error=status != 200)
@@ -281,7 +281,7 @@ class GatewayApp:
         finally:
             if state["model"]:
                 self.metrics.child(self.metrics.in_flight, state["model"]).dec()
-            stop_watching()
+            watcher.cancel()
 
     async def _serve(
         self,
