@@ -732,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--gateway-id",
         default="",
-        help="this replica's name in etcd (default <hostname>-<pid>); quotas are split "
-        "between the live replicas",
+        help="this replica's name in etcd (default <hostname>-<pid>); quotas are shared "
+        "between the live replicas by demand",
     )
     sp.add_argument(
         "--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait for open requests"

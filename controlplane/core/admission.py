@@ -627,6 +627,11 @@ class AdmissionController:
     def is_queued(self, request_id: str) -> bool:
         return request_id in self._queued
 
+    def tenant_load(self, tenant: str) -> int:
+        """The tenant's requests admitted and not finished, plus those queued."""
+        t = self._tenants.get(tenant)
+        return 0 if t is None else t.in_flight + t.queued
+
     def is_admitted(self, request_id: str) -> bool:
         return request_id in self._running
 

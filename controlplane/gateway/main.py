@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -39,7 +40,7 @@ from controlplane.config import EtcdSettings
 from controlplane.core.model import WorkerState
 from controlplane.core.routing import SlaAwareRouter
 from controlplane.core.routing.late import LatePolicy
-from controlplane.errors import InvalidArgument
+from controlplane.errors import InvalidArgument, SwitchboardError
 from controlplane.gateway.gate import AllowAll, RequestGate
 from controlplane.gateway.grpc_inference import InferenceService
 from controlplane.gateway.http_app import GatewayApp
@@ -82,9 +83,12 @@ class GatewaySettings:
     """Requests one decoding worker takes at once before admission queues the rest."""
     gateway_id: str = ""
     """This replica's name in etcd ("": <hostname>-<pid>). Replicas register under a lease and
-    watch each other: tenants' quotas are split between the live replicas."""
+    watch each other: tenants' quotas are shared between the live replicas by demand."""
     lease_ttl_s: int = 10
     """The registration's lease TTL: a replica that dies stops counting within it."""
+    demand_interval_s: float = 1.0
+    """How often this replica rewrites its record with what its clients ask of each
+    quota-limited tenant, when that changed (controlplane/core/quota_shares.py)."""
     otlp_endpoint: str = ""
     """Export traces over OTLP gRPC to this endpoint ("": ``OTEL_EXPORTER_OTLP_ENDPOINT``,
     else tracing off). ``/metrics`` is served on the HTTP port."""
@@ -115,6 +119,18 @@ GC_THRESHOLD = (50_000, 20, 20)
 """The collector's thresholds on the request path: a request allocates hundreds of short-lived
 objects (parsed JSON, routing candidates, protobuf messages), almost none in cycles, so the
 default first-generation threshold (700 allocations) ran a collection every few requests."""
+
+
+async def publish_demand(registration: LeasedRecord[GatewayRecord], interval_s: float) -> None:
+    """Rewrite this replica's record with its clients' demand every ``interval_s`` when it
+    changed (``LeasedRecord.publish`` writes only a changed record); etcd errors are the
+    registration's to handle, so one is logged and the next round tries again."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await registration.publish()
+        except SwitchboardError as e:
+            log.debug("demand not published: %s", e)
 
 
 def tune_gc() -> None:
@@ -224,6 +240,7 @@ async def run_gateway(
             classes=deployments.sla_classes,
             metrics=metrics,
             replicas=peers.count,
+            peer_demand=peers.demands,
         )
         background.append(asyncio.create_task(tenant_gate.run(), name="admission"))
         gate = tenant_gate
@@ -278,12 +295,19 @@ async def run_gateway(
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_s)),
         )
     )
+    peers.me = gateway_id
     me = GatewayRecord(
         gateway_id, f"{host}:{http_port}", f"{host}:{grpc_port}" if grpc_port else "", time.time()
     )
+
+    def record(_previous: GatewayRecord | None) -> GatewayRecord:
+        if isinstance(gate, TenantGate):
+            return dataclasses.replace(me, demand=gate.demands())
+        return me
+
     registration = LeasedRecord(
         registry,
-        lambda _previous: me,
+        record,
         clock=time.time,
         lease_ttl_s=settings.lease_ttl_s,
         report_interval_s=settings.lease_ttl_s / 2,
@@ -291,6 +315,12 @@ async def run_gateway(
     )
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(view.run(), name="workers-view")]
     tasks.append(asyncio.create_task(registration.run(), name="registration"))
+    if isinstance(gate, TenantGate):
+        tasks.append(
+            asyncio.create_task(
+                publish_demand(registration, settings.demand_interval_s), name="demand"
+            )
+        )
     tasks += background
 
     async def open_doors() -> asyncio.Task[None]:

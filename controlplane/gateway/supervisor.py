@@ -13,9 +13,10 @@ gateway.
   port back and no other program takes it meanwhile.
 * **Each process is a replica**: its own gateway id (``<id>-<i>``, id = ``--gateway-id`` or
   ``<hostname>-<supervisor pid>``), etcd registration, view of the workers, router state and
-  admission controller. Tenants' quotas are split between live replicas as for any replicas:
-  the kernel spreads *connections*, so a tenant that sends everything over one keep-alive
-  connection reaches one process and its 1/N share of the quota.
+  admission controller. Tenants' quotas are shared between live replicas by demand as for any
+  replicas (controlplane/core/quota_shares.py): the kernel spreads *connections*, and a tenant
+  that sends everything over one keep-alive connection reaches one process, which then gets
+  the whole quota.
 * **Metrics**: the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory for its
   processes; any process's ``/metrics`` answers the sum over all of them
   (``telemetry.metrics.serving_registry``). Records that share an address are one scrape target

@@ -17,9 +17,11 @@
    ``Retry-After`` where the core gives one; RESOURCE_EXHAUSTED over gRPC) with the reason.
    A client that leaves while queued is taken out of the queue; ``release`` charges the tokens
    actually served and hands freed slots to the queue. ``run`` expires overdue queued requests
-   every ``expire_interval_s``. Quotas are fleet-wide: with ``replicas`` (the live gateway
-   replicas, watch-fed from etcd) above 1, each replica enforces its share
-   (``admission.quota_share``: each limit divided by the replica count, rounded up). With
+   every ``expire_interval_s``. Quotas are fleet-wide: with other live gateway replicas
+   (watch-fed from etcd, ``peer_demand``) each replica enforces its part, shared by demand
+   (controlplane/core/quota_shares.py; this gate measures its clients' demand in ``demand``
+   and its record publishes ``demands()``); with only a replica count (``replicas``), the even
+   part (``admission.quota_share``). With
    ``metrics``: requests that had to queue and requests rejected (by reason), per tenant,
    model and class; the queue wait of every admitted request; the queue depth per model and
    class.
@@ -38,15 +40,28 @@ from controlplane.core.admission import (
     AdmissionRequest,
     Admitted,
     Queued,
+    QuotaLike,
     Rejected,
+    TenantLimits,
     quota_share,
 )
+from controlplane.core.quota_shares import DemandMeter, TenantDemand, demand_share
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import Tenant, resolve_sla_class, tenant_allows_model
 from controlplane.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from controlplane.gateway.errors import RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext
-from controlplane.telemetry.metrics import GatewayMetrics
+from controlplane.telemetry.metrics import OTHER_TENANT, GatewayMetrics
+
+SHARE_REFRESH_S = 0.5
+"""How long this replica keeps a tenant's part of its quotas before working it out again."""
+
+
+class PeerDemand(Protocol):
+    def __call__(self, model: str, tenant: str) -> tuple[list[TenantDemand], int]:
+        """The other live replicas' published demands for (model, tenant), and the number of
+        live replicas, this one included (``GatewayPeers.demands``)."""
+        ...
 
 
 class TenantLookup(Protocol):
@@ -83,6 +98,7 @@ class TenantGate:
         expire_interval_s: float = 0.1,
         metrics: GatewayMetrics | None = None,
         replicas: Callable[[], int] = lambda: 1,
+        peer_demand: PeerDemand | None = None,
     ) -> None:
         self.tenants = tenants
         self.capacity = capacity
@@ -93,6 +109,11 @@ class TenantGate:
         self.expire_interval_s = expire_interval_s
         self.metrics = metrics
         self.replicas = replicas
+        self.peer_demand = peer_demand
+        self.demand = DemandMeter()
+        """What this replica's clients ask of each quota-limited (model, tenant)."""
+        self._shares: dict[tuple[str, str], tuple[float, object, TenantLimits]] = {}
+        """(model, tenant) -> (valid until, the quotas it was made from, this replica's part)"""
         self._controllers: dict[str, AdmissionController] = {}
         self._class_tables: dict[str, Mapping[str, SlaClass]] = {}
         self._running: dict[str, int] = {}
@@ -156,7 +177,7 @@ class TenantGate:
         request = AdmissionRequest(
             request_id=ctx.request_id,
             tenant=tenant.name,
-            limits=tenant.quotas if (n := self.replicas()) <= 1 else quota_share(tenant.quotas, n),
+            limits=self._limits(ctx, tenant, ctl, now),
             sla_class=sla,
             est_prompt_tokens=ctx.prompt_tokens,
             est_output_tokens=ctx.max_tokens,
@@ -196,6 +217,57 @@ class TenantGate:
         if self.metrics is not None:
             self._queue_wait(ctx.model, admitted)
         return ticket
+
+    def _limits(
+        self, ctx: RequestContext, tenant: Tenant, ctl: AdmissionController, now: float
+    ) -> QuotaLike:
+        """This replica's part of the tenant's quotas: all of them alone; with peers'
+        demands, the demand-weighted part (controlplane/core/quota_shares.py, refreshed every
+        ``SHARE_REFRESH_S``); without, the even part."""
+        quotas = tenant.quotas
+        if not (quotas.requests_per_minute or quotas.tokens_per_minute or quotas.max_concurrent):
+            return quotas
+        key = (ctx.model, tenant.name)
+        self.demand.ask(key, ctx.prompt_tokens + ctx.max_tokens, now)
+        if self.peer_demand is None:
+            n = self.replicas()
+            return quotas if n <= 1 else quota_share(quotas, n)
+        hit = self._shares.get(key)
+        if hit is not None and hit[0] > now and hit[1] is quotas:
+            return hit[2]
+        others, n = self.peer_demand(ctx.model, tenant.name)
+        if n <= 1 and not others:
+            limits = TenantLimits(
+                quotas.requests_per_minute, quotas.tokens_per_minute, quotas.max_concurrent
+            )
+        else:
+            rpm, tpm = self.demand.rate(key, now)
+            mine = TenantDemand(rpm, tpm, float(ctl.tenant_load(tenant.name) + 1))
+            limits = demand_share(quotas, mine, others, n)
+        self._shares[key] = (now + SHARE_REFRESH_S, quotas, limits)
+        if hit is None or hit[2] != limits:
+            self._show_share(ctx.model, tenant.name, limits)
+        return limits
+
+    def _show_share(self, model: str, tenant: str, limits: TenantLimits) -> None:
+        m = self.metrics
+        if m is None or (label := m.tenant_label(tenant)) == OTHER_TENANT:
+            return
+        for quota in ("requests_per_minute", "tokens_per_minute", "max_concurrent"):
+            m.child(m.quota_share, label, model, quota).set(getattr(limits, quota))
+
+    def demands(self) -> tuple[tuple[str, str, float, float, float], ...]:
+        """What this replica's clients ask of each quota-limited (model, tenant) now: (model,
+        tenant, requests/min, tokens/min, requests in flight or queued), for its record."""
+        out = []
+        for key, (rpm, tpm) in self.demand.rates(self.clock()).items():
+            model, tenant = key
+            ctl = self._controllers.get(model)
+            load = 0 if ctl is None else ctl.tenant_load(tenant)
+            # two significant digits: close enough to share by, and the record (rewritten
+            # only when it changes) is not rewritten every second for a steady load
+            out.append((model, tenant, float(f"{rpm:.2g}"), float(f"{tpm:.2g}"), float(load)))
+        return tuple(sorted(out))
 
     def _queue_wait(self, model: str, admitted: Admitted) -> None:
         assert self.metrics is not None

@@ -392,6 +392,16 @@ class GatewayMetrics(MetricsGroup):
             [*tmc, "reason"],
             registry=r,
         )
+        self.quota_share = Gauge(
+            "switchboard_quota_share",
+            "This gateway's part of a tenant's quota on a model (quota: requests_per_minute,"
+            " tokens_per_minute, max_concurrent), shared between the gateway replicas by"
+            " demand (controlplane/core/quota_shares.py); the whole quota for a replica alone."
+            " Summed over the processes of one host. Tenants past the label cap are not shown.",
+            ["tenant", "model", "quota"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.admission_queued = Counter(
             "switchboard_admission_queued",
             "Requests that had to wait in the admission queue.",

@@ -1,5 +1,6 @@
 """Several gateway replicas on one etcd: each registers under a lease, each watches the others,
-and a tenant's quotas are enforced fleet-wide (each replica admits its share).
+and a tenant's quotas are enforced fleet-wide, shared between the replicas by what their
+clients ask (controlplane/core/quota_shares.py).
 
 Real etcd, one real sim worker (role both), two real gateway processes.
 """
@@ -73,7 +74,21 @@ def stack(tmp_path: Path) -> Iterator[tuple[EtcdServer, list[tuple[ManagedProces
         etcd.stop()
 
 
-def test_quotas_are_split_between_live_gateway_replicas(
+def _share(port: int, tenant: str) -> float | None:
+    """The replica's ``switchboard_quota_share`` of the tenant's requests/min (None: none)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if (
+            line.startswith("switchboard_quota_share{")
+            and f'tenant="{tenant}"' in line
+            and 'quota="requests_per_minute"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_quotas_are_shared_between_live_gateway_replicas_by_demand(
     stack: tuple[EtcdServer, list[tuple[ManagedProcess, int]]],
 ) -> None:
     etcd, gateways = stack
@@ -98,23 +113,35 @@ def test_quotas_are_split_between_live_gateway_replicas(
         what="each gateway to know the tenant's key",
     )  # fmt: skip
 
-    # the fleet-wide limit is 4/min: each replica admits its share of 2, then 429s
-    served = {port_a: 0, port_b: 0}
-    for port in (port_a, port_b):
-        for _ in range(3):
-            status, body, retry_after = _complete(port, key)
-            if status == 200:
-                served[port] += 1
-            else:
-                assert status == 429, body
-                assert "requests_per_minute 2" in body["error"]["message"], body
-                assert retry_after and float(retry_after) > 0
-    assert served == {port_a: 2, port_b: 2}
+    # the fleet-wide limit is 4/min. All of the tenant's traffic reaches gateway a (one
+    # client, one connection) and b's clients ask for nothing: a admits all 4, not half
+    statuses = [_complete(port_a, key) for _ in range(5)]
+    assert [s for s, _, _ in statuses] == [200, 200, 200, 200, 429], statuses
+    _, body, retry_after = statuses[-1]
+    assert "requests_per_minute 4" in body["error"]["message"], body
+    assert retry_after and float(retry_after) > 0
+    assert _share(port_a, "capped") == 4
+
+    # b's clients start: b always has its even share (2 of 4), whatever a asked before
+    served_b = sum(_complete(port_b, key)[0] == 200 for _ in range(3))
+    assert served_b >= 2
+
+    # once a sees b's demand in b's record (about a second), a's part is its even share
+    def a_shrinks() -> bool:
+        assert _complete(port_a, key)[0] == 429  # a's bucket is empty: nothing more admitted
+        return _share(port_a, "capped") == 2
+
+    wait_until(a_shrinks, 15, what="gateway a's part to shrink to 2/min")
 
     # a replica that stops revokes its lease: the other takes the whole quota again
     proc_b.stop()
     wait_until(lambda: replicas(port_a) == 1, 30, what="gateway a to see itself alone")
-    status, body, _ = _complete(port_a, key)
-    # its bucket is resized to the whole 4/min (keeping its level, so this one is still early)
-    assert status == 429, body
-    assert "requests_per_minute 4" in body["error"]["message"], body
+
+    def a_grows() -> bool:
+        status, body, _ = _complete(port_a, key)
+        # its bucket is resized to the whole 4/min, keeping its level: still early for one
+        assert status == 429, body
+        return "requests_per_minute 4" in body["error"]["message"]
+
+    wait_until(a_grows, 15, what="gateway a's part to be the whole 4/min again")
+    assert _share(port_a, "capped") == 4
