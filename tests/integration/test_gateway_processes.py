@@ -9,6 +9,7 @@ Real etcd, one real sim worker (role both), the real supervisor and gateway proc
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -173,6 +174,39 @@ def test_two_processes_serve_one_address_as_one_gateway(stack: Stack) -> None:
                 )
             )
         assert sum(len(m.token_ids) for m in out) == 2
+
+
+def test_a_tenant_on_one_keep_alive_connection_gets_its_whole_quota(stack: Stack) -> None:
+    """ "limited" may send 2 requests/min. Its one connection reaches one process, which gets
+    the whole 2 (the other's clients ask for nothing), not half."""
+
+    def both_replicas() -> bool:
+        return all(
+            get_json(f"http://127.0.0.1:{stack.port}/health")[1].get("replicas") == 2
+            for _ in range(6)  # new connections: either process may answer
+        )
+
+    wait_until(both_replicas, 30, what="each process to see both replicas")
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=60)
+    statuses, messages = [], []
+    try:
+        for _ in range(3):
+            conn.request(
+                "POST",
+                "/v1/completions",
+                body=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+                headers={
+                    "content-type": "application/json",
+                    "authorization": f"Bearer {stack.keys['limited']}",
+                },
+            )
+            resp = conn.getresponse()
+            statuses.append(resp.status)
+            messages.append(json.loads(resp.read()).get("error", {}).get("message", ""))
+    finally:
+        conn.close()
+    assert statuses == [200, 200, 429], messages
+    assert "requests_per_minute 2" in messages[-1]
 
 
 def test_a_killed_process_is_started_again_and_nothing_is_lost(stack: Stack) -> None:
