@@ -280,6 +280,20 @@ def sla_overview() -> Dashboard:
                         unit="reqps",
                         width=8,
                     ),
+                    Panel(
+                        "Quota parts per gateway replica",
+                        "timeseries",
+                        (
+                            Target(
+                                f"switchboard_quota_share{{{TM}}}",
+                                "{{instance}} {{tenant}}: {{quota}}",
+                            ),
+                        ),
+                        description="Each gateway replica's part of a tenant's quota, shared by"
+                        " what the replica's clients ask (a replica alone has the whole quota);"
+                        " the parts of the replicas a tenant uses add up to about its quota.",
+                        width=16,
+                    ),
                 ),
             ),
         ),
