@@ -259,11 +259,15 @@ class TenantGate:
     def demands(self) -> tuple[tuple[str, str, float, float, float], ...]:
         """What this replica's clients ask of each quota-limited (model, tenant) now: (model,
         tenant, requests/min, tokens/min, requests in flight or queued), for its record."""
+        rates = self.demand.rates(self.clock())
         out = []
-        for key, (rpm, tpm) in self.demand.rates(self.clock()).items():
+        for key in rates.keys() | self._shares.keys():
             model, tenant = key
             ctl = self._controllers.get(model)
             load = 0 if ctl is None else ctl.tenant_load(tenant)
+            rpm, tpm = rates.get(key, (0.0, 0.0))
+            if key not in rates and not load:
+                continue  # quiet, and nothing in flight: nothing to publish
             # two significant digits: close enough to share by, and the record (rewritten
             # only when it changes) is not rewritten every second for a steady load
             out.append((model, tenant, float(f"{rpm:.2g}"), float(f"{tpm:.2g}"), float(load)))

@@ -168,3 +168,19 @@ async def test_without_peer_demands_the_split_is_even() -> None:
         Keys(Quotas(requests_per_minute=10)), lambda _m: 100, clock=Clock(), replicas=lambda: 2
     )
     assert await admitted(gate, 12) == 5
+
+
+async def test_the_published_demand_keeps_requests_in_flight_after_the_rate_fades() -> None:
+    clock = Clock()
+    gate = TenantGate(
+        Keys(Quotas(max_concurrent=4)),
+        lambda _m: 100,
+        clock=clock,
+        peer_demand=Peers([IDLE], 2),
+    )
+    ticket = await gate.admit(ctx(1))
+    assert gate.demands() == (("m", "acme", 6.0, 120.0, 1.0),)
+    clock.now += 3600.0  # the asking rate has long decayed; the request is still running
+    assert gate.demands() == (("m", "acme", 0.0, 0.0, 1.0),)
+    gate.release(ticket, 10)
+    assert gate.demands() == ()
