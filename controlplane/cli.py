@@ -326,6 +326,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         late_hold_factor=args.late_hold,
         worker_transport=args.worker_transport,
         processes=args.processes,
+        quota_sharing=args.quota_sharing,
     )
     if settings.processes == 1:
         try:
@@ -745,6 +746,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="gateway processes on this host, all on the same ports (SO_REUSEPORT), each a "
         "replica; one per core the gateway may use",
+    )
+    sp.add_argument(
+        "--quota-sharing",
+        choices=["demand", "even"],
+        default="demand",
+        help="how replicas share each tenant's quotas: demand = each replica's part follows "
+        "what its clients ask (a tenant that reaches one replica gets its whole quota); even = "
+        "each enforces limit / replicas",
     )
     sp.add_argument(
         "--late-hold",

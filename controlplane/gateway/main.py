@@ -86,6 +86,11 @@ class GatewaySettings:
     watch each other: tenants' quotas are shared between the live replicas by demand."""
     lease_ttl_s: int = 10
     """The registration's lease TTL: a replica that dies stops counting within it."""
+    quota_sharing: str = "demand"
+    """How replicas share a tenant's quotas: demand (each replica's part follows what its
+    clients ask, controlplane/core/quota_shares.py) or even (each enforces limit / replicas,
+    never more: no replica ever admits past its part, but a tenant that reaches one replica
+    gets 1/N)."""
     demand_interval_s: float = 1.0
     """How often this replica rewrites its record with what its clients ask of each
     quota-limited tenant, when that changed (controlplane/core/quota_shares.py)."""
@@ -240,7 +245,7 @@ async def run_gateway(
             classes=deployments.sla_classes,
             metrics=metrics,
             replicas=peers.count,
-            peer_demand=peers.demands,
+            peer_demand=peers.demands if settings.quota_sharing == "demand" else None,
         )
         background.append(asyncio.create_task(tenant_gate.run(), name="admission"))
         gate = tenant_gate
@@ -248,6 +253,10 @@ async def run_gateway(
         gate = AllowAll()
     elif gate is None:
         raise InvalidArgument(f"auth must be tenants or none, not {settings.auth!r}")
+    if settings.quota_sharing not in ("demand", "even"):
+        raise InvalidArgument(
+            f"quota sharing must be demand or even, not {settings.quota_sharing!r}"
+        )
     whoami = (lambda key: gate.tenant(key).name) if isinstance(gate, TenantGate) else None
     gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
     siblings = Siblings(Path(settings.siblings_dir), gateway_id) if settings.siblings_dir else None
@@ -300,8 +309,10 @@ async def run_gateway(
         gateway_id, f"{host}:{http_port}", f"{host}:{grpc_port}" if grpc_port else "", time.time()
     )
 
+    sharing = isinstance(gate, TenantGate) and gate.peer_demand is not None
+
     def record(_previous: GatewayRecord | None) -> GatewayRecord:
-        if isinstance(gate, TenantGate):
+        if sharing and isinstance(gate, TenantGate):
             return dataclasses.replace(me, demand=gate.demands())
         return me
 
@@ -315,7 +326,7 @@ async def run_gateway(
     )
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(view.run(), name="workers-view")]
     tasks.append(asyncio.create_task(registration.run(), name="registration"))
-    if isinstance(gate, TenantGate):
+    if sharing:
         tasks.append(
             asyncio.create_task(
                 publish_demand(registration, settings.demand_interval_s), name="demand"
