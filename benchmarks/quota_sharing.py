@@ -82,16 +82,19 @@ def create_tenant(etcd: str, quota: int) -> str:
     return asyncio.run(run())
 
 
-def start(tmp: Path, name: str, argv: list[str], port_file: Path) -> ManagedProcess:
-    proc = ManagedProcess(name, argv, tmp / f"{name}.log").start()
+def start(tmp: Path, command: str, etcd: str, args: list[str]) -> tuple[ManagedProcess, int]:
+    """``switchboard COMMAND --etcd ETCD ARGS`` once it serves, and its (first) port."""
+    port_file = tmp / f"{command}.port"
+    argv = [PYTHON, "-m", "controlplane", command, "--etcd", etcd, "--port-file", str(port_file)]
+    proc = ManagedProcess(command, [*argv, *args], tmp / f"{command}.log").start()
 
     def ready() -> bool:
         if not proc.alive():
-            raise RuntimeError(f"{name} exited:\n{proc.tail()}")
+            raise RuntimeError(f"{command} exited:\n{proc.tail()}")
         return port_file.exists() and port_file.read_text().strip() != ""
 
-    wait_for(ready, 60, f"{name} to serve")
-    return proc
+    wait_for(ready, 60, f"{command} to serve")
+    return proc, int(port_file.read_text().split()[0])
 
 
 def drive(port: int, key: str, connections: int, rate: float, seconds: int) -> list[int]:
@@ -128,33 +131,13 @@ def run_setting(a: argparse.Namespace, sharing: str) -> dict[str, Any]:
     procs: list[ManagedProcess] = []
     try:
         key = create_tenant(etcd.endpoint, a.quota)
-        worker_port = tmp / "worker.port"
-        procs.append(
-            start(
-                tmp,
-                "worker",
-                [
-                    PYTHON, "-m", "controlplane", "worker", "--etcd", etcd.endpoint,
-                    "--engine", "sim", "--profile", "llama-3.1-8b-h100", "--model", MODEL,
-                    "--role", "both", "--worker-id", "w1", "--port-file", str(worker_port),
-                ],
-                worker_port,
-            )
-        )  # fmt: skip
-        gateway_port = tmp / "gateway.port"
-        procs.append(
-            start(
-                tmp,
-                "gateway",
-                [
-                    PYTHON, "-m", "controlplane", "gateway", "--etcd", etcd.endpoint,
-                    "--listen", "127.0.0.1:0", "--grpc-listen", "", "--port-file",
-                    str(gateway_port), "--processes", "2", "--quota-sharing", sharing,
-                ],
-                gateway_port,
-            )
-        )  # fmt: skip
-        port = int(gateway_port.read_text().split()[0])
+        worker_args = ["--engine", "sim", "--profile", "llama-3.1-8b-h100", "--model", MODEL,
+                       "--role", "both", "--worker-id", "w1"]  # fmt: skip
+        procs.append(start(tmp, "worker", etcd.endpoint, worker_args)[0])
+        gateway_args = ["--listen", "127.0.0.1:0", "--grpc-listen", "", "--processes", "2",
+                        "--quota-sharing", sharing]  # fmt: skip
+        gateway, port = start(tmp, "gateway", etcd.endpoint, gateway_args)
+        procs.append(gateway)
         wait_for(
             lambda: all(get(port, "/health")[1].get("replicas") == 2 for _ in range(6)),
             30,
