@@ -355,6 +355,12 @@ def _lost(p: ReplicaPlacement, observed: Observed) -> str:
     node = observed.nodes.get(p.node_id)
     if node is None:
         return f"node {p.node_id} left the registry"
+    current = node.inventory.ray_node_id
+    if p.ray_node_id and current and current != p.ray_node_id:
+        # the node registered again under a new Ray node (its Ray was restarted, or a whole
+        # new local cluster: `switchboard up` again on its old state): the old one is gone and
+        # a group pinned to it would wait for it forever
+        return f"the ray node of {p.node_id} changed (Ray restarted there)"
     if p.ray_node_id and observed.ray_nodes_alive.get(p.ray_node_id) is False:
         return f"ray node of {p.node_id} died"
     runtime = observed.runtime.get(p.replica_id)

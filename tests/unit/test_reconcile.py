@@ -185,6 +185,33 @@ def test_a_dead_actor_is_lost_and_a_missing_one_is_started_again() -> None:
     assert [a.placement.replica_id for a in again] == [missing]
 
 
+def test_a_node_back_under_a_new_ray_node_gets_its_replicas_placed_again() -> None:
+    """A Ray restart (or `switchboard up` again on its old state): the node registers again
+    with a new Ray node id that the stored placements do not name. Pinned to the old id, their
+    groups would wait forever; they are lost, and replaced on the node's new Ray node."""
+    nodes = [node("n0"), node("n1")]
+    desired = [record(make_spec(prefill=1, decode=1))]
+    placements = settle(desired, nodes)
+    assert {p.ray_node_id for p in placements} <= {"ray-n0", "ray-n1"}
+    restarted = [
+        dataclasses.replace(
+            n, inventory=dataclasses.replace(n.inventory, ray_node_id=f"new-{n.node_id}")
+        )
+        for n in nodes
+    ]
+    # the new Ray cluster has never heard of the old ids; the old groups are not there
+    ids = [p.replica_id for p in placements]
+    plan = run(desired, placements, observe(restarted, placements, runtime_missing=ids))
+    assert {s.replica_id for s in stops(plan)} == set(ids)
+    assert all("ray node" in s.reason and "changed" in s.reason for s in stops(plan))
+    again = starts(plan)
+    assert len(again) == 2
+    assert {p.ray_node_id for p in again} <= {"new-n0", "new-n1"}
+    # a node whose Ray id is unchanged keeps its replicas
+    plan = run(desired, placements, observe(nodes, placements, ready=ids))
+    assert not stops(plan) and not starts(plan)
+
+
 def test_rolling_update_surges_one_and_removes_old_only_when_new_is_ready() -> None:
     nodes = [node("n0", gpus=8), node("n1", gpus=8)]
     v1 = make_spec(prefill=1, decode=2)
