@@ -1,4 +1,5 @@
-"""The README's two commands, run as a new user would: `make up`, then Ctrl-C.
+"""The README's two commands, run as a new user would: `make up`, then Ctrl-C (and `make up`
+again on the same state).
 
 (`make test` is what runs this file, so the other command is exercised by running at all.)
 """
@@ -33,13 +34,18 @@ pytestmark = pytest.mark.e2e
 
 
 def _post(request: urllib.request.Request) -> dict[str, Any] | None:
-    """The JSON answer, or None while the gateway is not ready (503 / no route yet)."""
+    """The JSON answer, or None while the gateway is not ready (not listening yet, 503 / no
+    route yet)."""
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
             result: dict[str, Any] = json.loads(resp.read())
             return result
     except urllib.error.HTTPError as e:
         if e.code == 503:
+            return None
+        raise
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
             return None
         raise
 
@@ -182,6 +188,32 @@ def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) 
         )
         assert not (state / "up.pids").exists()
         assert "[switchboard up] stopped" in log_path.read_text()
+
+        # `make up` again on the same state: a new Ray cluster, so new Ray node ids; the
+        # stored placements name the old ones, and the control plane places the workers again
+        # (before, their groups waited forever for the old Ray nodes and nothing served)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                ["make", "up", f"UP_ARGS={up_args}"], cwd=ROOT, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        first = set(workers)
+
+        def replaced() -> set[str]:
+            new = set(list_workers(f"127.0.0.1:{etcd_port}")) - first
+            return new if len(new) == 2 else set()
+
+        wait_until(replaced, 180, what="both workers placed again and registered")
+        body = wait_until(
+            lambda: _post(request), 60, interval_s=1.0, what="the gateway answers again"
+        )
+        assert body is not None and body["usage"]["completion_tokens"] == 8
+        pids = {k: int(v) for k, v in json.loads((state / "up.pids").read_text()).items()}
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0 or proc.returncode in (2, -signal.SIGINT)
+        wait_until(
+            lambda: not [n for n, p in pids.items() if pid_alive(p)], 15, what="all pids gone"
+        )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
