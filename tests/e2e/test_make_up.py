@@ -25,6 +25,7 @@ from switchboard.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from controlplane.adapters.etcd.client import EtcdClient
 from controlplane.adapters.etcd.workers import EtcdWorkerRegistry
 from controlplane.core.model import WorkerRecord
+from controlplane.errors import SwitchboardError
 from controlplane.local.procs import free_port, pid_alive
 from tests.helpers import wait_until
 
@@ -200,7 +201,10 @@ def test_make_up_lists_two_nodes_of_four_gpus_and_stops_cleanly(tmp_path: Path) 
         first = set(workers)
 
         def replaced() -> set[str]:
-            new = set(list_workers(f"127.0.0.1:{etcd_port}")) - first
+            try:
+                new = set(list_workers(f"127.0.0.1:{etcd_port}")) - first
+            except (grpc.aio.AioRpcError, SwitchboardError, OSError):
+                return set()  # etcd is not up again yet
             return new if len(new) == 2 else set()
 
         wait_until(replaced, 180, what="both workers placed again and registered")
