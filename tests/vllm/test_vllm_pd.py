@@ -409,11 +409,29 @@ def test_bad_input_is_invalid_argument(cluster: Cluster) -> None:
     assert reference(cluster, "after-bad", prompt_of(20, salt=4), 2)
 
 
+def test_only_the_requests_stop_ids_end_it(cluster: Cluster) -> None:
+    # This random model's greedy path from this prompt reaches its EOS after ~340 tokens (on the
+    # machine it was written on). The Worker API passes no stop ids (the gateway watches for
+    # EOS itself, and not at all for a client that asked ignore_eos), so vLLM must not stop
+    # there on its own: it runs to max_tokens.
+    chunks = list(
+        cluster.stub(cluster.reference).Decode(
+            worker_pb2.DecodeRequest(
+                request_id="no-eos", prompt_token_ids=prompt_of(50, salt=5), sampling=sampling(600)
+            ),
+            timeout=120,
+        )
+    )
+    assert sum(len(c.token_ids) for c in chunks) == 600
+    assert chunks[-1].finish_reason == "length"
+
+
 def test_abort_ends_the_stream_with_abort(cluster: Cluster) -> None:
     ref = cluster.stub(cluster.reference)
-    # vLLM on an idle CPU can finish a long request between its first chunk and our Abort, or
-    # merge many steps into one chunk; then Abort finds nothing and the stream ended normally.
-    # Try a few times: at least one abort must land on a running request.
+    # 1900 tokens take seconds (nothing stops them early, see above), but vLLM on an idle CPU
+    # can still merge many steps into one chunk or finish before our Abort on a loaded machine;
+    # then Abort finds nothing and the stream ended normally. Try a few times: at least one
+    # abort must land on a running request.
     for attempt in range(3):
         call = ref.Decode(
             worker_pb2.DecodeRequest(

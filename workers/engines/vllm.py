@@ -32,6 +32,10 @@ installed source).
   KV that cannot be loaded ends vLLM's request with finish reason "error"
   (``kv_load_failure_policy="fail"``, the default): decode raises ``KvUnavailable``.
 - ``abort`` → ``AsyncLLM.abort``; vLLM ends the stream with finish reason "abort".
+- Stopping: only ``SamplingParams.stop_token_ids`` end a request (vLLM's ``ignore_eos=True``),
+  as with every engine. The OpenAI layer puts the tokenizer's EOS ids there unless the client
+  asked ``ignore_eos``; on the Worker gRPC API the gateway watches for them itself. Without it,
+  vLLM stopped on the model's EOS even for a client that asked ``ignore_eos``.
 - ``export_kv`` raises ``FailedPrecondition``: the KV moves by vLLM's connector, not ``FetchKv``.
 - ``stats()`` reads what a custom stat logger (``StatLoggerBase``, passed to ``AsyncLLM``) saw on
   the last engine step: running/waiting requests from ``SchedulerStats``, ``kv_cache_usage`` times
@@ -858,6 +862,9 @@ class _RealVllmApi:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=seed,
+            # Only the request's stop ids end it: the protocol layer puts the tokenizer's EOS
+            # there unless the client asked ``ignore_eos``, and the gateway stops on its own.
+            ignore_eos=True,
             stop_token_ids=list(sampling.stop_token_ids),
             output_kind=self._delta,
             detokenize=False,
