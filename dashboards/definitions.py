@@ -263,7 +263,7 @@ def sla_overview() -> Dashboard:
                         width=8,
                     ),
                     Panel(
-                        "Admission: queued and rejected (429)",
+                        "Admission: queued and rejected (429 / 503)",
                         "timeseries",
                         (
                             Target(

@@ -1,8 +1,10 @@
 """The gateway's own errors (what a ``RequestGate`` raises) and their HTTP / gRPC mappings.
 
 A gate rejects with ``Unauthenticated`` (401 / UNAUTHENTICATED) or ``PermissionDenied``
-(403 / PERMISSION_DENIED), both from controlplane/errors.py, or ``RateLimited`` (429 /
-RESOURCE_EXHAUSTED, with ``Retry-After``), defined here.
+(403 / PERMISSION_DENIED), both from controlplane/errors.py, or, defined here, ``RateLimited``
+(429 / RESOURCE_EXHAUSTED, with ``Retry-After``: over the tenant's own limits) or its subclass
+``Overloaded`` (503 / UNAVAILABLE, with ``Retry-After``: the fleet cannot take the request now,
+whoever sent it).
 Everything else goes through the shared tables (workers/openai_protocol.py for HTTP,
 controlplane/adapters/grpc/errors.py for gRPC).
 """
@@ -17,6 +19,7 @@ from workers.openai_protocol import ERROR_TABLE, ErrorTable
 __all__ = [
     "GATEWAY_ERROR_TABLE",
     "GATE_STATUS",
+    "Overloaded",
     "PermissionDenied",
     "RateLimited",
     "Unauthenticated",
@@ -44,9 +47,18 @@ class RateLimited(SwitchboardError):
         self.reason = reason
 
 
+class Overloaded(RateLimited):
+    """Admission turned the request away for overload, not for the tenant's limits: its class's
+    queue was full, it was shed for more important work, or it waited past its queue timeout
+    or deadline (``reason``: ``queue_full`` / ``shed`` / ``queue_timeout`` /
+    ``deadline_exceeded``). The admission core's ``Rejected.status`` says which is which."""
+
+
+# Subclasses before their bases: the first match wins.
 GATEWAY_ERROR_TABLE: ErrorTable = (
     (Unauthenticated, 401, "authentication_error"),
     (PermissionDenied, 403, "permission_error"),
+    (Overloaded, 503, "service_unavailable_error"),
     (RateLimited, 429, "rate_limit_error"),
     *ERROR_TABLE,
 )
@@ -54,5 +66,6 @@ GATEWAY_ERROR_TABLE: ErrorTable = (
 GATE_STATUS: tuple[tuple[type[SwitchboardError], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (Overloaded, grpc.StatusCode.UNAVAILABLE),
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )

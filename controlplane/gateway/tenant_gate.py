@@ -13,8 +13,10 @@
    the tenant's requests/min, tokens/min and max-concurrent quotas, and queues requests while
    the model's capacity is in use — by class priority, then fair share of tokens served between
    tenants (VTC), then deadline. Capacity is ``slots_per_worker`` times the model's serving
-   workers that decode (decode or both). Rejections are ``RateLimited`` (429 with
-   ``Retry-After`` where the core gives one; RESOURCE_EXHAUSTED over gRPC) with the reason.
+   workers that decode (decode or both). Rejections carry the reason: ``RateLimited`` for
+   the tenant's own limits (429 with ``Retry-After`` where the core gives one;
+   RESOURCE_EXHAUSTED over gRPC), ``Overloaded`` for a full queue, a shed or a queue timeout
+   (503; UNAVAILABLE).
    A client that leaves while queued is taken out of the queue; ``release`` charges the tokens
    actually served and hands freed slots to the queue. ``run`` expires overdue queued requests
    every ``expire_interval_s``. Quotas are fleet-wide: with other live gateway replicas
@@ -49,7 +51,7 @@ from controlplane.core.quota_shares import DemandMeter, TenantDemand, demand_sha
 from controlplane.core.sla import DEFAULT_SLA_CLASSES, SlaClass, index_sla_classes
 from controlplane.core.tenants import Tenant, resolve_sla_class, tenant_allows_model
 from controlplane.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from controlplane.gateway.errors import RateLimited
+from controlplane.gateway.errors import Overloaded, RateLimited
 from controlplane.gateway.gate import AdmissionTicket, RequestContext
 from controlplane.telemetry.metrics import OTHER_TENANT, GatewayMetrics
 
@@ -281,14 +283,16 @@ class TenantGate:
         )
 
     def _rejected(self, model: str, r: Rejected) -> RateLimited:
-        """The error for a rejection, counted (``switchboard_admission_rejected_total``)."""
+        """The error for a rejection, counted (``switchboard_admission_rejected_total``):
+        ``Overloaded`` (503) where the core says overload, else ``RateLimited`` (429)."""
         if self.metrics is not None:
             t = self.metrics.tenant_label(r.tenant)
             self.metrics.child(
                 self.metrics.admission_rejected, t, model, r.sla_class, r.reason.value
             ).inc()
         retry = r.retry_after_s if r.retry_after_s is not None else 0.0
-        return RateLimited(
+        error = Overloaded if r.status == 503 else RateLimited
+        return error(
             f"{r.reason.value}: {r.message}",
             retry_after_s=retry,
             tenant=r.tenant,
