@@ -50,6 +50,13 @@ _KV_KIND = {
 
 
 def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
+    """The Worker API's sampling. Stops are its caller's business (the gateway watches the
+    tokens): ``stop``, ``stop_token_ids`` and ``ignore_eos`` are refused, not ignored."""
+    if msg.stop or msg.stop_token_ids or msg.ignore_eos:
+        raise InvalidArgument(
+            "sampling: stop, stop_token_ids and ignore_eos are Inference.Generate's; the Worker "
+            "API ends a request at max_tokens (or Abort), its caller watches for stops"
+        )
     return SamplingParams(
         max_tokens=msg.max_tokens,
         temperature=msg.temperature if msg.HasField("temperature") else 0.0,

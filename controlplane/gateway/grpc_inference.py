@@ -3,8 +3,9 @@
 ``Generate`` does what ``POST /v1/(chat/)completions`` with ``stream: true`` does: tokenize (a
 prompt, or chat messages through the model's chat template), check the context window, ask the
 ``RequestGate`` (``authorization: Bearer <key>`` metadata; rejections are UNAUTHENTICATED /
-PERMISSION_DENIED / RESOURCE_EXHAUSTED), then stream ``Gateway.stream``'s tokens with their
-text (stop strings applied as over HTTP). The last message carries ``finish_reason`` and
+PERMISSION_DENIED / RESOURCE_EXHAUSTED for the tenant's limits / UNAVAILABLE for overload), then
+stream ``Gateway.stream``'s tokens with their text (stop strings, stop token ids and
+``ignore_eos`` as over HTTP). The last message carries ``finish_reason`` and
 ``usage``. Other errors go through the shared table (controlplane/adapters/grpc/errors.py): no
 worker -> UNAVAILABLE, unknown model -> NOT_FOUND, bad input -> INVALID_ARGUMENT. A cancelled
 call aborts the workers' requests (the token stream's ``finally``).
@@ -42,6 +43,24 @@ def _metadata(context: Context, key: str) -> str:
         if k == key:
             return v if isinstance(v, str) else v.decode("latin-1")
     return ""
+
+
+def sampling_from_request(
+    s: inference_pb2.SamplingParams, default_max_tokens: int, eos_token_ids: tuple[int, ...]
+) -> SamplingParams:
+    """``Generate``'s sampling, as ``prepare`` makes it over HTTP: unset fields take their
+    defaults; the stop token ids are the request's plus the model's EOS ids unless
+    ``ignore_eos``."""
+    stop_ids = tuple(s.stop_token_ids)
+    if not s.ignore_eos:
+        stop_ids += eos_token_ids
+    return SamplingParams(
+        max_tokens=s.max_tokens or default_max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else 0.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=stop_ids,
+    )
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -108,13 +127,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         else:
             raise InvalidArgument("one of prompt or chat is required")
         s = request.sampling
-        sampling = SamplingParams(
-            max_tokens=s.max_tokens or default_max,
-            temperature=s.temperature if s.HasField("temperature") else 0.0,
-            top_p=s.top_p if s.HasField("top_p") else 1.0,
-            seed=s.seed if s.HasField("seed") else None,
-            stop_token_ids=tokenizer.eos_token_ids,
-        )
+        sampling = sampling_from_request(s, default_max, tokenizer.eos_token_ids)
         gw.validate(model, prompt, sampling)
         request_id = request.request_id or new_request_id()
         ticket = await self._admit(

@@ -430,6 +430,31 @@ def test_grpc_inference_streams_the_same_tokens(cluster: Cluster) -> None:
         assert comp.usage is not None
         assert out[-1].usage.completion_tokens == comp.usage.completion_tokens
         assert sum(len(m.token_ids) for m in out) == comp.usage.completion_tokens
+        # stop_token_ids and ignore_eos as over HTTP: stop at the third token of the same text.
+        ids = [t for m in out for t in m.token_ids]
+        stop_at = ids[2]
+        comp_stop = client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0,
+            extra_body={"stop_token_ids": [stop_at], "ignore_eos": True},
+        )  # fmt: skip
+        out_stop = list(
+            stub.Generate(
+                inference_pb2.GenerateRequest(
+                    model=MODEL,
+                    prompt="Once upon a time",
+                    sampling=inference_pb2.SamplingParams(
+                        max_tokens=10, temperature=0, stop_token_ids=[stop_at], ignore_eos=True
+                    ),
+                ),
+                timeout=120,
+                metadata=cluster.metadata(),
+            )
+        )
+        assert out_stop[-1].finish_reason == comp_stop.choices[0].finish_reason == "stop"
+        assert "".join(m.text for m in out_stop) == comp_stop.choices[0].text
+        assert comp_stop.usage is not None
+        assert out_stop[-1].usage.completion_tokens == comp_stop.usage.completion_tokens
+        assert out_stop[-1].usage.completion_tokens <= 3
         with pytest.raises(grpc.RpcError) as info:
             list(
                 stub.Generate(

@@ -151,6 +151,28 @@ async def test_bad_prefill_requests(
     assert message in (info.value.details() or "")
 
 
+@pytest.mark.parametrize(
+    "stops",
+    [{"stop": ["\n"]}, {"stop_token_ids": [7]}, {"ignore_eos": True}],
+)
+async def test_stops_are_refused_not_ignored(
+    worker: tuple[FakeEngine, Served], stops: dict[str, Any]
+) -> None:
+    # The Worker API stops only at max_tokens; its caller watches for stops. A stop it was
+    # sent would be silently ignored, so it says so instead.
+    _, served = worker
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await served.stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id="x",
+                prompt_token_ids=[1],
+                sampling=inference_pb2.SamplingParams(max_tokens=2, **stops),
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Inference.Generate" in (info.value.details() or "")
+
+
 async def test_fetch_unknown_kv_is_not_found_and_roles_are_enforced() -> None:
     engine = FakeEngine()
     served = await serve(engine, role=Role.DECODE)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/v1/inference.proto\x12\x0eswitchboard.v1\"\x96\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1c.switchboard.v1.ChatMessagesH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\x11\n\tsla_class\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.ChatMessage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Usage\"\x13\n\x11ListModelsRequest\"E\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.ModelInfo2\xb1\x01\n\tInference\x12O\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse0\x01\x12S\n\nListModels\x12!.switchboard.v1.ListModelsRequest\x1a\".switchboard.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/v1/inference.proto\x12\x0eswitchboard.v1\"\xc2\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1c.switchboard.v1.ChatMessagesH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\x11\n\tsla_class\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.ChatMessage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Usage\"\x13\n\x11ListModelsRequest\"E\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.ModelInfo2\xb1\x01\n\tInference\x12O\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse0\x01\x12S\n\nListModels\x12!.switchboard.v1.ListModelsRequest\x1a\".switchboard.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,23 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.inference_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=51
-  _globals['_SAMPLINGPARAMS']._serialized_end=201
-  _globals['_CHATMESSAGE']._serialized_start=203
-  _globals['_CHATMESSAGE']._serialized_end=247
-  _globals['_GENERATEREQUEST']._serialized_start=250
-  _globals['_GENERATEREQUEST']._serialized_end=444
-  _globals['_CHATMESSAGES']._serialized_start=446
-  _globals['_CHATMESSAGES']._serialized_end=507
-  _globals['_USAGE']._serialized_start=509
-  _globals['_USAGE']._serialized_end=596
-  _globals['_GENERATERESPONSE']._serialized_start=599
-  _globals['_GENERATERESPONSE']._serialized_end=731
-  _globals['_LISTMODELSREQUEST']._serialized_start=733
-  _globals['_LISTMODELSREQUEST']._serialized_end=752
-  _globals['_MODELINFO']._serialized_start=754
-  _globals['_MODELINFO']._serialized_end=823
-  _globals['_LISTMODELSRESPONSE']._serialized_start=825
-  _globals['_LISTMODELSRESPONSE']._serialized_end=888
-  _globals['_INFERENCE']._serialized_start=891
-  _globals['_INFERENCE']._serialized_end=1068
+  _globals['_SAMPLINGPARAMS']._serialized_end=245
+  _globals['_CHATMESSAGE']._serialized_start=247
+  _globals['_CHATMESSAGE']._serialized_end=291
+  _globals['_GENERATEREQUEST']._serialized_start=294
+  _globals['_GENERATEREQUEST']._serialized_end=488
+  _globals['_CHATMESSAGES']._serialized_start=490
+  _globals['_CHATMESSAGES']._serialized_end=551
+  _globals['_USAGE']._serialized_start=553
+  _globals['_USAGE']._serialized_end=640
+  _globals['_GENERATERESPONSE']._serialized_start=643
+  _globals['_GENERATERESPONSE']._serialized_end=775
+  _globals['_LISTMODELSREQUEST']._serialized_start=777
+  _globals['_LISTMODELSREQUEST']._serialized_end=796
+  _globals['_MODELINFO']._serialized_start=798
+  _globals['_MODELINFO']._serialized_end=867
+  _globals['_LISTMODELSRESPONSE']._serialized_start=869
+  _globals['_LISTMODELSRESPONSE']._serialized_end=932
+  _globals['_INFERENCE']._serialized_start=935
+  _globals['_INFERENCE']._serialized_end=1112
 # @@protoc_insertion_point(module_scope)
