@@ -290,6 +290,14 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> tuple[
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def stop_token_ids(
+    requested: Iterable[int], ignore_eos: bool, eos_token_ids: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The ids that end a request: the client's, plus the model's EOS unless ``ignore_eos``
+    (the HTTP and gRPC APIs alike)."""
+    return tuple(requested) + (() if ignore_eos else eos_token_ids)
+
+
 def prepare(req: GenerationRequest, tokenizer: Tokenizer, *, max_context_tokens: int) -> Prepared:
     """Prompt ids, sampling and output options of ``req`` (400s for what is not supported).
 
@@ -315,9 +323,7 @@ def prepare(req: GenerationRequest, tokenizer: Tokenizer, *, max_context_tokens:
         prompt = completion_prompt(tokenizer, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         chat = False
-    stop_ids = tuple(req.stop_token_ids or ())
-    if not req.ignore_eos:
-        stop_ids += tokenizer.eos_token_ids
+    stop_ids = stop_token_ids(req.stop_token_ids or (), req.ignore_eos, tokenizer.eos_token_ids)
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return Prepared(
         chat=chat,

@@ -27,7 +27,7 @@ from controlplane.gateway.http_app import bearer_token
 from controlplane.gateway.pipeline import Gateway, Progress
 from controlplane.telemetry import tracing
 from workers.engine import SamplingParams, TokenChunk
-from workers.openai_protocol import new_request_id, text_deltas
+from workers.openai_protocol import new_request_id, stop_token_ids, text_deltas
 from workers.tokenizer import Message
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -51,15 +51,12 @@ def sampling_from_request(
     """``Generate``'s sampling, as ``prepare`` makes it over HTTP: unset fields take their
     defaults; the stop token ids are the request's plus the model's EOS ids unless
     ``ignore_eos``."""
-    stop_ids = tuple(s.stop_token_ids)
-    if not s.ignore_eos:
-        stop_ids += eos_token_ids
     return SamplingParams(
         max_tokens=s.max_tokens or default_max_tokens,
         temperature=s.temperature if s.HasField("temperature") else 0.0,
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         seed=s.seed if s.HasField("seed") else None,
-        stop_token_ids=stop_ids,
+        stop_token_ids=stop_token_ids(s.stop_token_ids, s.ignore_eos, eos_token_ids),
     )
 
 
