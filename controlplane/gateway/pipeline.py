@@ -780,10 +780,12 @@ class Gateway:
         it (``aclose``) when done."""
         decode, prefill = route.decode, route.prefill
         sampling_pb = self._sampling_pb(sampling)
+        kv_blocks = self._kv_blocks(model, len(prompt) + sampling.max_tokens)
         if prefill is not None:
             return self._disaggregated(
-                request_id, decode, prefill, prompt, sampling, sampling_pb, model, metadata
-            )
+                request_id, decode, prefill, prompt, sampling, sampling_pb, model, metadata,
+                kv_blocks,
+            )  # fmt: skip
         request = worker_pb2.DecodeRequest(
             request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling_pb
         )
@@ -792,24 +794,32 @@ class Gateway:
             and not self._tokens_to(decode)
             and decode.endpoint not in self._no_unary
         ):
-            return self._unary_else_stream(decode, request, metadata)
+            return self._unary_else_stream(decode, request, metadata, kv_blocks)
         # aggregated and streamed: the decode stream itself (one generator less per token)
-        return self._decode(decode, request, metadata)
+        return self._decode(decode, request, metadata, kv_blocks)
+
+    def _kv_blocks(self, model: str, tokens: int) -> int:
+        """KV blocks ``tokens`` take on the model's workers (0: block size unknown)."""
+        facts = self.model_routing.get(model)
+        return -(-tokens // facts.block_size) if facts is not None and facts.block_size else 0
 
     async def _unary_else_stream(
         self,
         decode: WorkerSnapshot,
         request: worker_pb2.DecodeRequest,
         metadata: tuple[tuple[str, str], ...] | None,
+        kv_blocks: int = 0,
     ) -> AsyncGenerator[TokenChunk, None]:
         """A one-token aggregated attempt: ``DecodeUnary``, else the decode stream."""
-        one = await self._decode_unary(decode, request, metadata)
+        one = await self._decode_unary(decode, request, metadata, kv_blocks)
         if one is not None:
             yield one
             return
         # closed here, not by the event loop's finalizer a turn later (a task per request;
         # the worker's in-flight count would lag)
-        async with contextlib.aclosing(self._decode(decode, request, metadata)) as chunks:
+        async with contextlib.aclosing(
+            self._decode(decode, request, metadata, kv_blocks)
+        ) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -823,10 +833,13 @@ class Gateway:
         sampling_pb: inference_pb2.SamplingParams,
         model: str,
         metadata: tuple[tuple[str, str], ...] | None,
+        kv_blocks: int = 0,
     ) -> AsyncGenerator[TokenChunk, None]:
         """A disaggregated attempt: ``Prefill`` (its token goes out at once), then ``Decode``
-        with the KV handle; NOT_FOUND before the decode's first token prefills once more."""
-        res = await self._prefill(prefill, request_id, prompt, sampling_pb, metadata)
+        with the KV handle; NOT_FOUND before the decode's first token prefills once more.
+        ``kv_blocks``: what the request may hold on the decode worker."""
+        prompt_blocks = self._kv_blocks(model, len(prompt))
+        res = await self._prefill(prefill, request_id, prompt, sampling_pb, metadata, prompt_blocks)
         first = res.first_token_id
         handed = False
         try:
@@ -843,7 +856,7 @@ class Gateway:
                     first_token_id=first,
                     sampling=sampling_pb,
                 )
-                stream = self._decode(decode, request, metadata)
+                stream = self._decode(decode, request, metadata, kv_blocks)
                 try:
                     try:
                         head = await anext(stream)
@@ -853,7 +866,7 @@ class Gateway:
                         log.info("request %s: %s; prefilling again", request_id, e)
                         self.metrics.child(self.metrics.reprefills, model).inc()
                         res = await self._prefill(
-                            prefill, request_id, prompt, sampling_pb, metadata
+                            prefill, request_id, prompt, sampling_pb, metadata, prompt_blocks
                         )
                         continue
                     except StopAsyncIteration:
@@ -877,12 +890,13 @@ class Gateway:
         prompt: tuple[int, ...],
         sampling: inference_pb2.SamplingParams,
         metadata: tuple[tuple[str, str], ...] | None = None,
+        kv_blocks: int = 0,
     ) -> worker_pb2.PrefillResponse:
         self.breakers.acquire(worker.worker_id, self.clock())
         request = worker_pb2.PrefillRequest(
             request_id=request_id, prompt_token_ids=list(prompt), sampling=sampling
         )
-        with self.view.in_flight(worker.worker_id, prefill_tokens=len(prompt)):
+        with self.view.in_flight(worker.worker_id, len(prompt), kv_blocks):
             try:
                 if self._tokens_to(worker):
                     res = await self.view.channels.tokens.prefill(
@@ -908,13 +922,14 @@ class Gateway:
         worker: WorkerSnapshot,
         request: worker_pb2.DecodeRequest,
         metadata: tuple[tuple[str, str], ...] | None = None,
+        kv_blocks: int = 0,
     ) -> AsyncGenerator[TokenChunk, None]:
         self.breakers.acquire(worker.worker_id, self.clock())
         finished = False
         succeeded = False
         # no KV handed over: the decode worker prefills the prompt itself first
         local_prefill = 0 if request.HasField("kv") else len(request.prompt_token_ids)
-        with self.view.in_flight(worker.worker_id, prefill_tokens=local_prefill) as pending:
+        with self.view.in_flight(worker.worker_id, local_prefill, kv_blocks) as pending:
             call: _DecodeCall = (
                 self.view.channels.tokens.decode(
                     worker.token_endpoint,
@@ -954,6 +969,7 @@ class Gateway:
         worker: WorkerSnapshot,
         request: worker_pb2.DecodeRequest,
         metadata: tuple[tuple[str, str], ...] | None = None,
+        kv_blocks: int = 0,
     ) -> TokenChunk | None:
         """A one-token decode as one unary ``DecodeUnary`` call (about half the gateway CPU of
         a ``Decode`` stream); None when the worker does not have it (UNIMPLEMENTED: an older
@@ -961,7 +977,7 @@ class Gateway:
         stub = self.view.channels.stub(worker.endpoint)
         self.breakers.acquire(worker.worker_id, self.clock())
         local_prefill = 0 if request.HasField("kv") else len(request.prompt_token_ids)
-        with self.view.in_flight(worker.worker_id, prefill_tokens=local_prefill):
+        with self.view.in_flight(worker.worker_id, local_prefill, kv_blocks):
             try:
                 msg = await stub.DecodeUnary(
                     request, timeout=self.decode_timeout_s, metadata=metadata

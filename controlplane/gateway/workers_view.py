@@ -103,6 +103,9 @@ class LoadReport:
     batch_context_tokens: int = 0
     queued_prefill_tokens: int | None = None
     dp_rank_running: tuple[int, ...] = ()
+    kv_reserved_here: int = 0
+    """KV blocks this gateway's requests on the worker reserved when the report came
+    (``WorkersView.kv_reserved``): what the report already counts of them."""
 
 
 class PendingPrefill:
@@ -143,19 +146,24 @@ def _add(counts: dict[str, int], key: str, n: int) -> None:
 
 
 class InFlight:
-    """``WorkersView.in_flight``: entering counts the request (and its pending prefill, the
-    ``PendingPrefill`` it returns); leaving, however it leaves, uncounts both. A class, not a
-    generator-based context manager: it is entered once or twice per request."""
+    """``WorkersView.in_flight``: entering counts the request (its KV blocks, and its pending
+    prefill, the ``PendingPrefill`` it returns); leaving, however it leaves, uncounts them all.
+    A class, not a generator-based context manager: it is entered once or twice per request."""
 
-    __slots__ = ("_mark", "_prefill_tokens", "_view", "_worker_id")
+    __slots__ = ("_kv_blocks", "_mark", "_prefill_tokens", "_view", "_worker_id")
 
-    def __init__(self, view: WorkersView, worker_id: str, prefill_tokens: int) -> None:
+    def __init__(
+        self, view: WorkersView, worker_id: str, prefill_tokens: int, kv_blocks: int = 0
+    ) -> None:
         self._view, self._worker_id, self._prefill_tokens = view, worker_id, prefill_tokens
+        self._kv_blocks = kv_blocks
         self._mark: PendingPrefill | None = None
 
     def __enter__(self) -> PendingPrefill:
         view, worker_id = self._view, self._worker_id
         _add(view.inflight, worker_id, 1)
+        if self._kv_blocks > 0:
+            _add(view.kv_reserved, worker_id, self._kv_blocks)
         self._mark = PendingPrefill(
             view.pending_prefill, worker_id, self._prefill_tokens, view.pending_prompts
         )
@@ -166,6 +174,8 @@ class InFlight:
             self._mark.done()
             self._mark = None
             _add(self._view.inflight, self._worker_id, -1)
+            if self._kv_blocks > 0:
+                _add(self._view.kv_reserved, self._worker_id, -self._kv_blocks)
 
 
 def _facts_of(records: list[WorkerRecord]) -> tuple[int, int]:
@@ -255,8 +265,15 @@ class WorkersView:
         """Prompt tokens sent to each worker to prefill whose first token is not back."""
         self.pending_prompts: dict[str, int] = {}
         """How many prompts those are."""
+        self.kv_reserved: dict[str, int] = {}
+        """KV blocks this gateway's in-flight requests may hold on each worker (prompt and
+        every output token; ``in_flight(kv_blocks=...)``). A snapshot adds what changed since
+        the worker's last report to the reported KV use: reports are up to an interval old,
+        and a burst routed on the old figure would all go to the worker that looked emptiest
+        (and none to one whose requests just ended)."""
         self._snapshot_cache: dict[
-            str, tuple[WorkerRecord, LoadReport, tuple[int, int, int, bool, bool], WorkerSnapshot]
+            str,
+            tuple[WorkerRecord, LoadReport, tuple[int, int, int, bool, bool, int], WorkerSnapshot],
         ] = {}
         """Each worker's last snapshot and what it was built from (``snapshots``)."""
         self._facts_cache: dict[str, tuple[list[WorkerRecord], tuple[int, int]]] = {}
@@ -317,12 +334,13 @@ class WorkersView:
                 self.pending_prompts.get(wid, 0),
                 circuit_allows(wid),
                 wid in self.stats_down,
+                self.kv_reserved.get(wid, 0),
             )
             hit = cache.get(wid)
             if hit is not None and hit[0] is r and hit[1] is load and hit[2] == key:
                 out.append(hit[3])
                 continue
-            inflight, pending, prompts, allows, down = key
+            inflight, pending, prompts, allows, down, reserved = key
             snap = WorkerSnapshot(
                 worker_id=wid,
                 endpoint=r.endpoint,
@@ -333,7 +351,9 @@ class WorkersView:
                 inflight_here=inflight,
                 pending_prefill_tokens=pending,
                 pending_prefill_prompts=prompts,
-                kv_blocks_used=load.kv_blocks_used,
+                # the report's figure, plus this gateway's requests started there since it
+                # came, less those that ended (theirs are in the report)
+                kv_blocks_used=max(0, load.kv_blocks_used + reserved - load.kv_reserved_here),
                 kv_blocks_total=load.kv_blocks_total or r.kv_blocks_total,
                 circuit_allows=allows,
                 max_context_tokens=r.max_context_tokens,
@@ -354,11 +374,12 @@ class WorkersView:
         workers started by hand, without a deployment record."""
         return self._record_facts(model)[1]
 
-    def in_flight(self, worker_id: str, prefill_tokens: int = 0) -> InFlight:
+    def in_flight(self, worker_id: str, prefill_tokens: int = 0, kv_blocks: int = 0) -> InFlight:
         """Count a request on ``worker_id`` for its duration (a context manager); with
         ``prefill_tokens``, also count its prompt as pending prefill there until
-        ``mark.done()`` (its first token) or the end, whichever is first."""
-        return InFlight(self, worker_id, prefill_tokens)
+        ``mark.done()`` (its first token) or the end, whichever is first; with ``kv_blocks``,
+        the KV it may hold there (``kv_reserved``) until the end."""
+        return InFlight(self, worker_id, prefill_tokens, kv_blocks)
 
     # --- the loops ------------------------------------------------------------------------------
 
@@ -492,6 +513,7 @@ class WorkersView:
                 msg.queued_prefill_tokens if msg.HasField("queued_prefill_tokens") else None
             ),
             dp_rank_running=tuple(msg.dp_rank_running),
+            kv_reserved_here=self.kv_reserved.get(worker_id, 0),
         )
         if self.kv_sink is not None and msg.kv_events:
             self.kv_sink.apply_kv_events(worker_id, kv_events(msg))

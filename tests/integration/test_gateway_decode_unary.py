@@ -18,6 +18,7 @@ from controlplane.adapters.grpc.server import GrpcServer
 from controlplane.errors import Unavailable
 from controlplane.gateway.pipeline import Gateway, Progress
 from controlplane.gateway.routing import CircuitBreakers, LeastLoadedRouter
+from controlplane.gateway.workers_view import ModelInfo
 from controlplane.telemetry.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
 from tests.unit.test_gateway_sla_wiring import QuietView, rec
@@ -128,3 +129,32 @@ async def test_a_worker_past_the_deadline_ends_the_request_as_a_timeout() -> Non
         await view.channels.close()
         await server.stop(0)
     assert progress.abort_reason == "timeout"
+
+
+async def test_a_request_reserves_its_kv_blocks_on_its_worker_until_it_ends() -> None:
+    """What the router adds to a worker's reported KV use between two reports: the request's
+    prompt and output tokens in the model's blocks, for as long as it runs there."""
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()  # the first token comes, then the engine waits
+    service = CountingService(engine, worker_id="w1", role=Role.DECODE, report_interval_s=0.05)
+    server = await serve(service)
+    view = QuietView()
+    view.put(
+        dataclasses.replace(rec("w1", model=MODEL), endpoint=f"127.0.0.1:{server.port}"),
+        models=(ModelInfo(MODEL, "cpu", engine_args={"block_size": "4"}),),
+    )
+    gw = Gateway(view, LeastLoadedRouter(), CircuitBreakers(), GatewayMetrics(CollectorRegistry()))
+    stream = gw.stream("r1", MODEL, (1, 2, 3), SamplingParams(6))
+    try:
+        first = await anext(stream)
+        assert first.token_ids
+        assert view.kv_reserved == {"w1": 3}  # 3 + 6 tokens in blocks of 4
+        engine.gate.set()
+        async for _ in stream:
+            pass
+        assert view.kv_reserved == {}
+    finally:
+        engine.gate.set()
+        await stream.aclose()
+        await view.channels.close()
+        await server.stop(0)
